@@ -1,0 +1,150 @@
+"""The public numerics functions of SPEC section 7: quantize, dequantize, fake_quantize, qsnr."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qpass.formats.absmax import group_amax
+from qpass.formats.delayed import DelayedScaling
+from qpass.formats.element import decode, encode
+from qpass.formats.grouping import from_groups, normalize_axis, to_groups
+from qpass.formats.packing import pack_codes, unpack_codes
+from qpass.formats.qtensor import QTensor
+from qpass.formats.rounding import ROUNDING_MODES, make_generator, round_to_element
+from qpass.formats.scaling import GroupScales, compute_scales, stored_decode
+from qpass.formats.spec import FormatSpec, resolve_format
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise TypeError(f"can only quantize floating-point tensors ({names}), got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+
+
+def _quantize_to_groups(
+    x: torch.Tensor,
+    format: str | FormatSpec,
+    axis: int,
+    scale_mode: str | None,
+    rounding: str,
+    generator,
+    granularity,
+    pow2: bool | None,
+    delayed: DelayedScaling | None,
+) -> tuple[torch.Tensor, GroupScales, FormatSpec, int]:
+    """Validate, then return the element values (fp32, ``[..., G, B]``), scales, spec and axis."""
+    _check_input(x)
+    spec = resolve_format(format, granularity, scale_mode, pow2)
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
+    if delayed is not None and not (spec.scaling == "absmax" and spec.granularity == "tensor"):
+        raise ValueError(f"delayed scaling needs per-tensor absmax scaling, not {spec.name} ({spec.granularity})")
+    axis = normalize_axis(axis, x.ndim)
+    # bf16/fp16 upcast exactly; float64 is rounded to fp32, where all scale arithmetic happens.
+    x32 = x.reshape(1) if x.ndim == 0 else x
+    x32 = x32.to(torch.float32)
+    length = x32.shape[axis]
+    groups = to_groups(x32, axis, spec.padded_length(length), spec.group_size(length))
+    if delayed is None:
+        scales = compute_scales(groups, spec)
+    else:
+        current = group_amax(groups, "tensor")
+        scales = compute_scales(groups, spec, amax=delayed.history_amax(current), margin=delayed.margin)
+        delayed.record(current)
+    generator = make_generator(generator, x.device)
+    values = round_to_element(groups * scales.encode, spec.element, rounding, generator)
+    return values, scales, spec, axis
+
+
+def quantize(
+    x: torch.Tensor,
+    format: str | FormatSpec,
+    axis: int = -1,
+    scale_mode: str | None = None,
+    rounding: str = "rne",
+    generator: torch.Generator | int | None = None,
+    granularity=None,
+    pow2: bool | None = None,
+    delayed: DelayedScaling | None = None,
+) -> QTensor:
+    """Quantize ``x`` to a named format along ``axis`` (the reduction axis for matmuls).
+
+    ``granularity`` ("tensor", "channel" or ("block", k)) and ``pow2`` apply to the fp8/fp6/fp4
+    formats; ``scale_mode`` ("floor", "ceil", "even", "rceil") to the MX formats; ``delayed``, a
+    :class:`DelayedScaling`, takes a per-tensor scale from its amax history.
+    """
+    values, scales, spec, axis = _quantize_to_groups(
+        x, format, axis, scale_mode, rounding, generator, granularity, pow2, delayed
+    )
+    codes = encode(values, spec.element).reshape(*values.shape[:-2], -1)
+    return QTensor(
+        codes=pack_codes(codes, spec.element),
+        scales=scales.stored,
+        format=spec,
+        shape=x.shape,
+        axis=axis,
+        dtype=x.dtype,
+        tensor_scale=scales.tensor_scale,
+    )
+
+
+def dequantize(qt: QTensor) -> torch.Tensor:
+    """Back to a tensor of the original shape and dtype."""
+    spec = qt.format
+    codes = unpack_codes(qt.codes, spec.element)
+    shape = (1,) if len(qt.shape) == 0 else qt.shape
+    length = shape[qt.axis]
+    values = decode(codes, spec.element).reshape(*codes.shape[:-1], -1, spec.group_size(length))
+    x = values * stored_decode(spec, qt.scales, qt.tensor_scale)
+    return from_groups(x, qt.axis, length).reshape(qt.shape).to(qt.dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, quantized):
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    format: str | FormatSpec,
+    axis: int = -1,
+    scale_mode: str | None = None,
+    rounding: str = "rne",
+    generator: torch.Generator | int | None = None,
+    granularity=None,
+    pow2: bool | None = None,
+    delayed: DelayedScaling | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(x, ...))`` without building codes; the gradient passes straight through."""
+    with torch.no_grad():
+        values, scales, _, axis = _quantize_to_groups(
+            x, format, axis, scale_mode, rounding, generator, granularity, pow2, delayed
+        )
+        length = x.shape[axis] if x.ndim else 1
+        out = from_groups(values * scales.decode, axis, length).reshape(x.shape).to(x.dtype)
+    return _StraightThrough.apply(x, out) if x.requires_grad else out
+
+
+def qsnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Quantization signal-to-noise ratio ``20 log10(||x|| / ||x - y||)`` in dB (+inf if equal)."""
+    x64, y64 = x.detach().double(), y.detach().double()
+    noise = torch.linalg.vector_norm(x64 - y64).item()
+    signal = torch.linalg.vector_norm(x64).item()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 20 * math.log10(signal / noise)

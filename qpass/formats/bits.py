@@ -1,0 +1,41 @@
+"""Exact fp32 bit arithmetic: powers of two and integer log2.
+
+Every scale in qpass is a power of two or an fp32 quotient, and every rounding decision is made on
+exact quantities. Building powers of two from bit patterns (rather than ``torch.exp2``) keeps that
+exact on every backend, fp32 subnormals included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+F32_MANTISSA_BITS = 23
+F32_EXP_BIAS = 127
+F32_MIN_NORMAL_EXP = -126
+F32_MIN_SUBNORMAL_EXP = -149
+
+
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** exponent`` as fp32, exactly, for integer exponents in [-149, 127]."""
+    e = exponent.to(torch.int32)
+    normal_bits = (e + F32_EXP_BIAS) << F32_MANTISSA_BITS
+    # Below 2^-126 the power of two is a subnormal: a single mantissa bit.
+    subnormal_bits = torch.ones_like(e) << (e - F32_MIN_SUBNORMAL_EXP).clamp(0, 22)
+    return torch.where(e >= F32_MIN_NORMAL_EXP, normal_bits, subnormal_bits).view(torch.float32)
+
+
+def floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """``floor(log2(x))`` as int32 for finite x > 0, fp32 subnormals included."""
+    _, exp = torch.frexp(x)  # x = m * 2^exp with m in [0.5, 1)
+    return exp - 1
+
+
+def ceil_log2(x: torch.Tensor) -> torch.Tensor:
+    """``ceil(log2(x))`` as int32 for finite x > 0: the floor, plus one unless x is a power of two."""
+    mantissa, exp = torch.frexp(x)
+    return exp - (mantissa == 0.5).to(torch.int32)
+
+
+def biased_exponent(x: torch.Tensor) -> torch.Tensor:
+    """The 8-bit exponent field of fp32 values (0 for zeros and subnormals, 255 for NaN/Inf)."""
+    return (x.view(torch.int32) >> F32_MANTISSA_BITS) & 0xFF

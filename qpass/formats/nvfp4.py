@@ -1,0 +1,35 @@
+"""NVFP4's two-level scales: an fp32 per-tensor scale and E4M3 scales per block of 16 (SPEC 2).
+
+Each step is one fp32 operation in the SPEC's order, so results match NVIDIA's recipe bit for bit:
+``g = amax_tensor / 2688``; ``s_b = e4m3(clamp((block_amax / 6) / g, 2^-6, 448))``; elements
+``e2m1(x * ((1 / g) / s_b))``; dequantized ``q * (s_b * g)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qpass.formats.element import FP4_E2M1, FP8_E4M3
+from qpass.formats.rounding import round_to_element
+
+FP32_MAX = torch.finfo(torch.float32).max
+GLOBAL_DIVISOR = FP8_E4M3.max_normal * FP4_E2M1.max_normal  # 2688
+
+
+def global_scale(tensor_amax: torch.Tensor) -> torch.Tensor:
+    """``g``: 1.0 for an all-zero tensor, NaN when the tensor holds NaN or Inf."""
+    g = torch.where(tensor_amax == 0, 1.0, tensor_amax / GLOBAL_DIVISOR)
+    return torch.where(tensor_amax.isfinite(), g, torch.nan)
+
+
+def block_scales(block_amax: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``s_b`` per block, as exact E4M3 values in fp32 (never below E4M3's smallest normal)."""
+    ratio = (block_amax / FP4_E2M1.max_normal) / g
+    return round_to_element(ratio.clamp(FP8_E4M3.min_normal, FP8_E4M3.max_normal), FP8_E4M3)
+
+
+def element_encode(g: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
+    """The per-block factor ``(1 / g) / s_b`` that takes x to E2M1 units."""
+    # 1/g overflows only for amax below ~7.9e-36; clamping (as Transformer Engine does) keeps the
+    # zeros of such a tensor at zero instead of 0 * inf = NaN, and changes no finite case.
+    return (1.0 / g).clamp(max=FP32_MAX) / s_b

@@ -1,0 +1,51 @@
+"""Scales for a group-arranged tensor, for every kind of scaling a :class:`FormatSpec` names.
+
+Each kind yields the same three things: the factor that takes x to element units (``encode``), the
+factor that takes elements back (``decode``), and what :class:`~qpass.formats.qtensor.QTensor`
+stores. Keeping them together lets quantize, dequantize and fake-quantize share one code path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from qpass.formats import mx, nvfp4
+from qpass.formats.absmax import absmax_encode, group_amax
+from qpass.formats.element import FP8_E4M3, decode, encode
+from qpass.formats.spec import FormatSpec
+
+
+class GroupScales(NamedTuple):
+    encode: torch.Tensor  # fp32, broadcastable against [..., G, B]
+    decode: torch.Tensor
+    stored: torch.Tensor  # absmax: fp32 decode scales; MX: E8M0 codes; NVFP4: E4M3 codes
+    tensor_scale: torch.Tensor | None = None  # NVFP4's per-tensor fp32 g
+
+
+def compute_scales(groups: torch.Tensor, spec: FormatSpec, amax: torch.Tensor | None = None, margin: int = 0) -> GroupScales:
+    """Scales for fp32 ``groups`` shaped ``[..., G, B]``; ``amax`` overrides the measured one."""
+    if spec.scaling == "absmax":
+        if amax is None:
+            amax = group_amax(groups, spec.granularity)
+        enc = absmax_encode(amax, spec.element.max_normal, spec.pow2, margin)
+        dec = 1.0 / enc
+        return GroupScales(enc, dec, dec if spec.granularity == "tensor" else dec.squeeze(-1))
+    if spec.scaling == "mx":
+        codes = mx.e8m0_codes(group_amax(groups, "block"), spec.element, spec.scale_mode)
+        return GroupScales(mx.e8m0_encode(codes), mx.e8m0_decode(codes), codes.squeeze(-1))
+    if spec.scaling == "nvfp4":
+        g = nvfp4.global_scale(group_amax(groups, "tensor"))
+        s_b = nvfp4.block_scales(group_amax(groups, "block"), g)
+        return GroupScales(nvfp4.element_encode(g, s_b), s_b * g, encode(s_b, FP8_E4M3).squeeze(-1), g)
+    raise ValueError(f"unknown scaling {spec.scaling!r}")
+
+
+def stored_decode(spec: FormatSpec, stored: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    """The decode factor, ``[..., G, 1]``-broadcastable, recovered from stored scales."""
+    if spec.scaling == "absmax":
+        return stored if spec.granularity == "tensor" else stored.unsqueeze(-1)
+    if spec.scaling == "mx":
+        return mx.e8m0_decode(stored).unsqueeze(-1)
+    return decode(stored, FP8_E4M3).unsqueeze(-1) * tensor_scale

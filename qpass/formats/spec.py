@@ -1,0 +1,126 @@
+"""Named formats (SPEC section 5) and the full description of how a tensor is quantized.
+
+A :class:`FormatSpec` is an element format plus its scaling: ``absmax`` scales over a tensor,
+channel or block, OCP MX E8M0 block scales, or NVFP4's two-level scales. :func:`resolve_format`
+turns a user's format name and options into one, and is where bad options are rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from qpass.formats.element import ELEMENT_FORMATS, ElementFormat
+
+SCALE_MODES = ("floor", "ceil", "even", "rceil")
+GRANULARITIES = ("tensor", "channel", "('block', k)")
+MX_BLOCK = 32
+NVFP4_BLOCK = 16
+E8M0_BITS = 8
+E4M3_BITS = 8
+FP32_BITS = 32
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str
+    element: ElementFormat
+    scaling: str  # "absmax" | "mx" | "nvfp4"
+    granularity: str = "tensor"  # "tensor" | "channel" | "block"
+    block_size: int | None = None
+    scale_mode: str | None = None  # MX only
+    pow2: bool = False  # absmax only: round the encode scale down to a power of two
+
+    def padded_length(self, length: int) -> int:
+        """The axis length after zero-padding: a multiple of the block, or even for fp4 packing."""
+        multiple = self.block_size if self.granularity == "block" else 2 if self.element.bits == 4 else 1
+        return -(-length // multiple) * multiple
+
+    def group_size(self, length: int) -> int:
+        """Elements per scaling group along the axis (tensor and channel: the whole padded axis)."""
+        return self.block_size if self.granularity == "block" else self.padded_length(length)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _absmax(element: str) -> FormatSpec:
+    return FormatSpec(element, ELEMENT_FORMATS[element], "absmax")
+
+
+def _mx(name: str, element: str) -> FormatSpec:
+    return FormatSpec(name, ELEMENT_FORMATS[element], "mx", "block", MX_BLOCK, scale_mode="floor")
+
+
+NAMED_FORMATS: dict[str, FormatSpec] = {
+    spec.name: spec
+    for spec in (
+        _absmax("fp8_e4m3"),
+        _absmax("fp8_e5m2"),
+        _absmax("fp6_e2m3"),
+        _absmax("fp6_e3m2"),
+        _absmax("fp4_e2m1"),
+        _mx("mxfp8_e4m3", "fp8_e4m3"),
+        _mx("mxfp8_e5m2", "fp8_e5m2"),
+        _mx("mxfp6_e2m3", "fp6_e2m3"),
+        _mx("mxfp6_e3m2", "fp6_e3m2"),
+        _mx("mxfp4", "fp4_e2m1"),
+        _mx("mxint8", "int8"),
+        FormatSpec("nvfp4", ELEMENT_FORMATS["fp4_e2m1"], "nvfp4", "block", NVFP4_BLOCK),
+    )
+}
+
+
+def _parse_granularity(granularity) -> tuple[str, int | None]:
+    if granularity in ("tensor", "channel"):
+        return granularity, None
+    if (
+        isinstance(granularity, tuple)
+        and len(granularity) == 2
+        and granularity[0] == "block"
+        and isinstance(granularity[1], int)
+        and granularity[1] > 0
+    ):
+        return "block", granularity[1]
+    raise ValueError(
+        f"unknown granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)} with k > 0"
+    )
+
+
+def resolve_format(
+    format: str | FormatSpec,
+    granularity=None,
+    scale_mode: str | None = None,
+    pow2: bool | None = None,
+) -> FormatSpec:
+    """The :class:`FormatSpec` for a format name (or spec) with the given options applied."""
+    if isinstance(format, FormatSpec):
+        spec = format
+    elif format in NAMED_FORMATS:
+        spec = NAMED_FORMATS[format]
+    else:
+        raise ValueError(f"unknown format {format!r}; expected one of {', '.join(NAMED_FORMATS)}")
+
+    if granularity is not None:
+        if spec.scaling != "absmax":
+            raise ValueError(
+                f"{spec.name} fixes its own scaling blocks; granularity= applies to "
+                f"{', '.join(n for n, s in NAMED_FORMATS.items() if s.scaling == 'absmax')}"
+            )
+        kind, block = _parse_granularity(granularity)
+        spec = replace(spec, granularity=kind, block_size=block)
+    if scale_mode is not None:
+        if spec.scaling != "mx":
+            raise ValueError(f"scale_mode= applies to MX formats only, not {spec.name}")
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"unknown scale_mode {scale_mode!r}; expected one of {', '.join(SCALE_MODES)}")
+        spec = replace(spec, scale_mode=scale_mode)
+    if pow2 is not None:
+        if spec.scaling != "absmax":
+            raise ValueError(f"pow2= applies to absmax-scaled formats only, not {spec.name}")
+        spec = replace(spec, pow2=bool(pow2))
+    return spec
+
+
+def scale_bits(spec: FormatSpec) -> int:
+    """Storage bits of one group scale (the NVFP4 per-tensor fp32 is counted separately)."""
+    return {"absmax": FP32_BITS, "mx": E8M0_BITS, "nvfp4": E4M3_BITS}[spec.scaling]
