@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qpass.formats.bits import F32_EXP_BIAS, biased_exponent, pow2
+from qpass.formats.bits import F32_EXP_BIAS, F32_EXP_MASK, F32_MANTISSA_BITS
 from qpass.formats.element import ElementFormat
 
 ROUNDING_MODES = ("rne", "stochastic", "away")
@@ -39,10 +39,17 @@ def round_to_element(
     NaN stays NaN; ±Inf stays ±Inf where the format has Inf and becomes NaN where it does not
     (overflow is never hidden as a finite number); finite values beyond max normal saturate.
     """
-    step_exp = (biased_exponent(x) - F32_EXP_BIAS).clamp(min=fmt.emin) - fmt.mbits
-    scaled = x * pow2(-step_exp)  # exact: a power-of-two scaling into integer units of the step
+    # The step and its reciprocal are built straight from x's exponent bits: 2^(E - 127 - mbits)
+    # with E the biased fp32 exponent, clamped below at the subnormal binade and above so that
+    # neither power of two leaves fp32's normal range (NaN/Inf stay NaN/Inf regardless).
+    exponent_bits = (x.view(torch.int32) & F32_EXP_MASK).clamp_(
+        (fmt.emin + F32_EXP_BIAS) << F32_MANTISSA_BITS, (F32_EXP_BIAS + 126) << F32_MANTISSA_BITS
+    )
+    step = (exponent_bits - (fmt.mbits << F32_MANTISSA_BITS)).view(torch.float32)
+    inverse_step = (((2 * F32_EXP_BIAS + fmt.mbits) << F32_MANTISSA_BITS) - exponent_bits).view(torch.float32)
+    scaled = x * inverse_step  # exact: a power-of-two scaling into integer units of the step
     if rounding == "rne":
-        integral = torch.round(scaled)  # torch.round is round-half-to-even
+        integral = scaled.round_()  # torch.round is round-half-to-even
     elif rounding == "away":
         magnitude = scaled.abs()
         whole = magnitude.floor()
@@ -54,8 +61,10 @@ def round_to_element(
         integral = whole + (u < fraction).to(x.dtype)
     else:
         raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
-    # copysign keeps -0 for negative values that round to zero (the floor-based modes lose it).
-    values = torch.copysign(integral * pow2(step_exp), x).clamp(-fmt.max_normal, fmt.max_normal)
+    values = integral.mul_(step)
+    if rounding != "rne":  # keeps -0 for negatives that round to zero (torch.round already does)
+        values = torch.copysign(values, x)
+    values = values.clamp_(-fmt.max_normal, fmt.max_normal)
     if fmt.has_inf:
         return torch.where(x.isinf(), x, values)
     return torch.where(x.isinf(), torch.nan, values)

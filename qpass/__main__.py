@@ -1,0 +1,3 @@
+from qpass.cli import main
+
+main()

@@ -1,0 +1,21 @@
+"""Every Python example in the README runs as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_examples():
+    assert len(BLOCKS) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_example_runs(index):
+    # Blocks share one namespace, in order, as a reader running them top to bottom would.
+    namespace: dict = {}
+    for block in BLOCKS[: index + 1]:
+        exec(compile(block, f"README.md block {index}", "exec"), namespace)
