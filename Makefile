@@ -1,5 +1,5 @@
-# Two commands set everything up: `make demo` and `make test`. A GPU user overrides the torch pin,
-# e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# Two commands set everything up: `make demo` and `make test`. To use another torch build (e.g. CUDA),
+# set TORCH_SPEC: `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
@@ -7,16 +7,21 @@ VENV ?= .venv
 BENCH_VENV ?= .venv-bench
 PIP_QUIET ?= -q
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean FORCE
 
-$(VENV)/.installed: pyproject.toml Makefile
+# A venv's torch-spec file changes only when TORCH_SPEC does, which triggers a reinstall.
+%/.torch-spec: FORCE
+	@mkdir -p $*
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(VENV)/.installed: pyproject.toml Makefile $(VENV)/.torch-spec
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[test]"
 	touch $@
 
 # The benchmark environment also has the peers (torchao), which the test environment never sees.
-$(BENCH_VENV)/.installed: pyproject.toml Makefile
+$(BENCH_VENV)/.installed: pyproject.toml Makefile $(BENCH_VENV)/.torch-spec
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH_SPEC)
 	$(BENCH_VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[bench]"

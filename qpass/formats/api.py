@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from qpass.formats.absmax import group_amax
+from qpass.formats.bits import FP32_MAX
 from qpass.formats.delayed import DelayedScaling
 from qpass.formats.element import decode, encode
 from qpass.formats.grouping import from_groups, normalize_axis, to_groups
 from qpass.formats.packing import pack_codes, unpack_codes
 from qpass.formats.qtensor import QTensor
 from qpass.formats.rounding import ROUNDING_MODES, make_generator, round_to_element
-from qpass.formats.scaling import GroupScales, compute_scales, stored_decode
+from qpass.formats.scaling import GroupScales, absmax_group_scales, compute_scales, stored_decode
 from qpass.formats.spec import FormatSpec, resolve_format
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -38,6 +38,8 @@ def _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed) 
         raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
     if delayed is not None and not (spec.scaling == "absmax" and spec.granularity == "tensor"):
         raise ValueError(f"delayed scaling needs per-tensor absmax scaling, not {spec.name} ({spec.granularity})")
+    if delayed is not None and pow2 is not None:
+        raise ValueError("with delayed scaling, set pow2 on the DelayedScaling state, not on the call")
     return spec, normalize_axis(axis, x.ndim)
 
 
@@ -50,15 +52,19 @@ def _element_values(
     delayed: DelayedScaling | None = None,
 ) -> tuple[torch.Tensor, GroupScales]:
     """The element values (fp32 on the element grid, ``[..., G, B]``) and the scales of ``x``."""
-    # bf16/fp16 upcast exactly; float64 is rounded to fp32, where all scale arithmetic happens.
-    x32 = (x.reshape(1) if x.ndim == 0 else x).to(torch.float32)
+    x32 = x.reshape(1) if x.ndim == 0 else x
+    if x32.dtype == torch.float64:
+        # Rounded to fp32, where all scale arithmetic happens; finite values beyond fp32's range
+        # saturate to its max (as any finite overflow does) rather than turn into Inf.
+        x32 = torch.where(x32.isfinite(), x32.clamp(-FP32_MAX, FP32_MAX), x32)
+    x32 = x32.to(torch.float32)  # exact for bf16 and fp16
     length = x32.shape[axis]
     groups = to_groups(x32, axis, spec.padded_length(length), spec.group_size(length))
     if delayed is None:
         scales = compute_scales(groups, spec)
     else:
         current = group_amax(groups, "tensor")
-        scales = compute_scales(groups, spec, amax=delayed.history_amax(current), margin=delayed.margin)
+        scales = absmax_group_scales(delayed.encode_scale(current, spec.element.max_normal), spec)
         delayed.record(current)
     return round_to_element(groups * scales.encode, spec.element, rounding, generator), scales
 
@@ -67,12 +73,6 @@ def _fake_quantize_values(x, spec, axis, rounding, generator=None, delayed=None)
     values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
     length = x.shape[axis] if x.ndim else 1
     return from_groups(values * scales.decode, axis, length).reshape(x.shape).to(x.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_fake_quantize(spec: FormatSpec, axis: int, rounding: str):
-    """:func:`_fake_quantize_values` compiled by Inductor into a fused kernel, one per spec/axis/mode."""
-    return torch.compile(functools.partial(_fake_quantize_values, spec=spec, axis=axis, rounding=rounding))
 
 
 def quantize(
@@ -138,22 +138,11 @@ def fake_quantize(
     granularity=None,
     pow2: bool | None = None,
     delayed: DelayedScaling | None = None,
-    fused: bool = False,
 ) -> torch.Tensor:
-    """``dequantize(quantize(x, ...))`` without building codes; the gradient passes straight through.
-
-    ``fused=True`` runs the same computation compiled by Inductor into one kernel: the same bits,
-    several times faster, after a one-off compile per format and axis (seconds on a CPU). It
-    takes the deterministic rounding modes and no ``delayed`` state.
-    """
+    """``dequantize(quantize(x, ...))`` without building codes; the gradient passes straight through."""
     spec, axis = _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
-    if fused and (rounding == "stochastic" or delayed is not None):
-        raise ValueError("fused=True supports rounding 'rne' and 'away' without delayed scaling")
     with torch.no_grad():
-        if fused:
-            out = _fused_fake_quantize(spec, axis, rounding)(x.detach())
-        else:
-            out = _fake_quantize_values(x, spec, axis, rounding, make_generator(generator, x.device), delayed)
+        out = _fake_quantize_values(x, spec, axis, rounding, make_generator(generator, x.device), delayed)
     return _StraightThrough.apply(x, out) if x.requires_grad else out
 
 

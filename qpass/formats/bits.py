@@ -14,6 +14,9 @@ F32_EXP_BIAS = 127
 F32_EXP_MASK = 0x7F800000
 F32_MIN_NORMAL_EXP = -126
 F32_MIN_SUBNORMAL_EXP = -149
+FP32_MAX = torch.finfo(torch.float32).max
+FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal
+FP32_MIN_SUBNORMAL = 2.0**F32_MIN_SUBNORMAL_EXP
 
 
 def pow2(exponent: torch.Tensor) -> torch.Tensor:
@@ -25,16 +28,27 @@ def pow2(exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(e >= F32_MIN_NORMAL_EXP, normal_bits, subnormal_bits).view(torch.float32)
 
 
+def exponent_and_mantissa(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For finite x > 0: ``floor(log2(x))`` and the 23 mantissa bits of x normalized to [1, 2).
+
+    fp32 subnormals are first scaled by 2^64 (exact) so that they too have an exponent field. Pure
+    bit arithmetic rather than ``torch.frexp``, which Inductor miscompiles in some fused kernels.
+    """
+    subnormal = x < 2.0**F32_MIN_NORMAL_EXP
+    bits = torch.where(subnormal, x * 2.0**64, x).view(torch.int32)
+    exponent = ((bits >> F32_MANTISSA_BITS) & 0xFF) - F32_EXP_BIAS - subnormal.to(torch.int32) * 64
+    return exponent, bits & ((1 << F32_MANTISSA_BITS) - 1)
+
+
 def floor_log2(x: torch.Tensor) -> torch.Tensor:
     """``floor(log2(x))`` as int32 for finite x > 0, fp32 subnormals included."""
-    _, exp = torch.frexp(x)  # x = m * 2^exp with m in [0.5, 1)
-    return exp - 1
+    return exponent_and_mantissa(x)[0]
 
 
 def ceil_log2(x: torch.Tensor) -> torch.Tensor:
     """``ceil(log2(x))`` as int32 for finite x > 0: the floor, plus one unless x is a power of two."""
-    mantissa, exp = torch.frexp(x)
-    return exp - (mantissa == 0.5).to(torch.int32)
+    exponent, mantissa = exponent_and_mantissa(x)
+    return exponent + (mantissa != 0).to(torch.int32)
 
 
 def biased_exponent(x: torch.Tensor) -> torch.Tensor:

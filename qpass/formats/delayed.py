@@ -10,12 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qpass.formats.absmax import absmax_encode
+
 
 class DelayedScaling(nn.Module):
     def __init__(self, history_len: int = 16, margin: int = 0, pow2: bool = False):
         super().__init__()
         if history_len < 1:
             raise ValueError(f"history_len must be at least 1, got {history_len}")
+        if not isinstance(margin, int) or not 0 <= margin <= 64:
+            raise ValueError(f"margin must be an int in [0, 64], got {margin!r}")
         self.margin = margin
         self.pow2 = pow2
         self.register_buffer("amax_history", torch.zeros(history_len, dtype=torch.float32))
@@ -25,14 +29,17 @@ class DelayedScaling(nn.Module):
     def history_len(self) -> int:
         return self.amax_history.numel()
 
-    def history_amax(self, current_amax: torch.Tensor) -> torch.Tensor:
-        """The amax to scale with: the history's max, or ``current_amax`` before anything is recorded.
+    def encode_scale(self, current_amax: torch.Tensor, max_normal: float) -> torch.Tensor:
+        """The per-tensor encode scale for a tensor whose own amax is ``current_amax``.
 
-        Transformer Engine starts from a scale of 1.0 instead; falling back to the current amax
-        avoids a first step that saturates or underflows everything.
+        It comes from the history's max; before anything is recorded, from ``current_amax``
+        (Transformer Engine starts from 1.0 instead, which saturates or underflows the first
+        step). A NaN or Inf in the current tensor still makes all of it NaN (SPEC section 3).
         """
         recorded = self.amax_history.amax()
-        return torch.where(self.num_recorded > 0, recorded, current_amax.to(recorded.dtype))
+        amax = torch.where(self.num_recorded > 0, recorded, current_amax.to(recorded.dtype))
+        encode = absmax_encode(amax, max_normal, self.pow2, self.margin)
+        return torch.where(current_amax.isfinite(), encode, torch.nan)
 
     @torch.no_grad()
     def record(self, amax: torch.Tensor) -> None:

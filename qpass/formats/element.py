@@ -90,13 +90,14 @@ def _code_value(fmt: ElementFormat, code: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _code_table(fmt: ElementFormat) -> torch.Tensor:
-    return torch.tensor([_code_value(fmt, c) for c in range(1 << fmt.bits)], dtype=torch.float32)
+def _code_table(fmt: ElementFormat, device: torch.device) -> torch.Tensor:
+    values = [_code_value(fmt, c) for c in range(1 << fmt.bits)]
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def code_table(fmt: ElementFormat, device: torch.device | str = "cpu") -> torch.Tensor:
-    """fp32 value of every code of ``fmt``, indexed by code (2**bits entries)."""
-    return _code_table(fmt).to(device)
+    """fp32 value of every code of ``fmt``, indexed by code (2**bits entries), cached per device."""
+    return _code_table(fmt, torch.device(device))
 
 
 def decode(codes: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
@@ -125,7 +126,7 @@ def encode(values: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
     if fmt.has_inf:
         inf_code = ((1 << fmt.ebits) - 1) << fmt.mbits
         code = torch.where(values.isinf(), inf_code | (sign << (fmt.ebits + fmt.mbits)), code)
-    special = fmt.nan_code if fmt.has_nan else 0
+    special = fmt.nan_code or 0
     code = torch.where(values.isnan(), special, code)
     if not fmt.has_inf:
         code = torch.where(values.isinf(), special, code)

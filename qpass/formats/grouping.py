@@ -8,7 +8,6 @@ group's amax, so it never changes the unpadded values' result; it is cut off aga
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def normalize_axis(axis: int, ndim: int) -> int:
@@ -24,11 +23,11 @@ def to_groups(x: torch.Tensor, axis: int, padded_length: int, group_size: int) -
     last = x.movedim(axis, -1)
     pad = padded_length - last.shape[-1]
     if pad:
-        last = F.pad(last, (0, pad))
+        last = torch.cat((last, last.new_zeros(*last.shape[:-1], pad)), dim=-1)
     return last.reshape(*last.shape[:-1], -1, group_size)
 
 
 def from_groups(groups: torch.Tensor, axis: int, length: int) -> torch.Tensor:
     """Inverse of :func:`to_groups`: drop the padding and move the last axis back to ``axis``."""
     last = groups.reshape(*groups.shape[:-2], -1)[..., :length]
-    return last.movedim(-1, axis)
+    return last.movedim(-1, axis).contiguous()

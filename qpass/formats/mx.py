@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from qpass.formats.bits import F32_MANTISSA_BITS, ceil_log2, floor_log2, pow2
+from qpass.formats.bits import (
+    F32_MANTISSA_BITS,
+    FP32_MIN_SUBNORMAL,
+    ceil_log2,
+    exponent_and_mantissa,
+    floor_log2,
+    pow2,
+)
 from qpass.formats.element import ElementFormat
 
 E8M0_BIAS = 127
@@ -17,10 +24,15 @@ E8M0_NAN = 0xFF
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
 
 
-def _round_mantissa_half_up(amax: torch.Tensor, mbits: int) -> torch.Tensor:
-    """amax with its fp32 mantissa rounded to ``mbits`` bits, ties up, carrying into the exponent."""
-    bits = amax.view(torch.int32) + (1 << (F32_MANTISSA_BITS - mbits - 1))
-    return (bits & ~((1 << F32_MANTISSA_BITS) - 1)).view(torch.float32)
+def _floor_log2_rounded(amax: torch.Tensor, mbits: int) -> torch.Tensor:
+    """floor(log2(amax)) after rounding amax's significand to ``mbits`` mantissa bits, ties up.
+
+    Rounding works on the normalized significand (subnormals included), and a carry out of the
+    mantissa moves amax into the next binade, past fp32's largest one if need be.
+    """
+    exponent, mantissa = exponent_and_mantissa(amax)
+    carry = (mantissa + (1 << (F32_MANTISSA_BITS - mbits - 1))) >> F32_MANTISSA_BITS
+    return exponent + carry
 
 
 def shared_exponent(amax: torch.Tensor, element: ElementFormat, scale_mode: str) -> torch.Tensor:
@@ -30,11 +42,11 @@ def shared_exponent(amax: torch.Tensor, element: ElementFormat, scale_mode: str)
     if scale_mode == "ceil":
         return ceil_log2(amax) - element.emax
     if scale_mode == "even":
-        return floor_log2(_round_mantissa_half_up(amax, element.mbits)) - element.emax
+        return _floor_log2_rounded(amax, element.mbits) - element.emax
     if scale_mode == "rceil":
         d = amax / element.max_normal
         # d underflows to 0 only for amax near fp32's smallest subnormal; any e <= -127 clamps alike.
-        return ceil_log2(torch.where(d > 0, d, 2.0**-149))
+        return ceil_log2(torch.where(d > 0, d, FP32_MIN_SUBNORMAL))
     raise ValueError(f"unknown scale_mode {scale_mode!r}")
 
 

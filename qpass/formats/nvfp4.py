@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from qpass.formats.bits import FP32_MAX, FP32_MIN_SUBNORMAL
 from qpass.formats.element import FP4_E2M1, FP8_E4M3
 from qpass.formats.rounding import round_to_element
-
-FP32_MAX = torch.finfo(torch.float32).max
 GLOBAL_DIVISOR = FP8_E4M3.max_normal * FP4_E2M1.max_normal  # 2688
 
 
 def global_scale(tensor_amax: torch.Tensor) -> torch.Tensor:
     """``g``: 1.0 for an all-zero tensor, NaN when the tensor holds NaN or Inf."""
-    g = torch.where(tensor_amax == 0, 1.0, tensor_amax / GLOBAL_DIVISOR)
+    # An amax below ~3.8e-42 would make g underflow to 0 and its zero blocks 0 / 0 = NaN: keep g
+    # at fp32's smallest subnormal instead (the tensor is then all zeros after quantization).
+    g = torch.where(tensor_amax == 0, 1.0, (tensor_amax / GLOBAL_DIVISOR).clamp(min=FP32_MIN_SUBNORMAL))
     return torch.where(tensor_amax.isfinite(), g, torch.nan)
 
 
@@ -30,6 +31,7 @@ def block_scales(block_amax: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def element_encode(g: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
     """The per-block factor ``(1 / g) / s_b`` that takes x to E2M1 units."""
-    # 1/g overflows only for amax below ~7.9e-36; clamping (as Transformer Engine does) keeps the
-    # zeros of such a tensor at zero instead of 0 * inf = NaN, and changes no finite case.
-    return (1.0 / g).clamp(max=FP32_MAX) / s_b
+    # The factor overflows only for a tensor amax below ~1e-35 (g near or in fp32's subnormals).
+    # Clamping it to the largest finite fp32 keeps that tensor's zeros at zero instead of
+    # 0 * inf = NaN, and changes no case where the SPEC formula is finite.
+    return ((1.0 / g) / s_b).clamp(max=FP32_MAX)

@@ -19,8 +19,15 @@ ROUNDING_MODES = ("rne", "stochastic", "away")
 
 def make_generator(seed_or_generator, device: torch.device) -> torch.Generator | None:
     """Accept a ``torch.Generator``, an int seed, or None (torch's default generator)."""
-    if seed_or_generator is None or isinstance(seed_or_generator, torch.Generator):
+    if isinstance(seed_or_generator, torch.Generator):
+        if seed_or_generator.device.type != torch.device(device).type:
+            raise ValueError(
+                f"the generator is on {seed_or_generator.device} but the tensor is on {device}; "
+                "pass a generator on the tensor's device, or an int seed"
+            )
         return seed_or_generator
+    if seed_or_generator is None:
+        return None
     if isinstance(seed_or_generator, int):
         return torch.Generator(device=device).manual_seed(seed_or_generator)
     raise TypeError(
@@ -42,14 +49,14 @@ def round_to_element(
     # The step and its reciprocal are built straight from x's exponent bits: 2^(E - 127 - mbits)
     # with E the biased fp32 exponent, clamped below at the subnormal binade and above so that
     # neither power of two leaves fp32's normal range (NaN/Inf stay NaN/Inf regardless).
-    exponent_bits = (x.view(torch.int32) & F32_EXP_MASK).clamp_(
+    exponent_bits = (x.view(torch.int32) & F32_EXP_MASK).clamp(
         (fmt.emin + F32_EXP_BIAS) << F32_MANTISSA_BITS, (F32_EXP_BIAS + 126) << F32_MANTISSA_BITS
     )
     step = (exponent_bits - (fmt.mbits << F32_MANTISSA_BITS)).view(torch.float32)
     inverse_step = (((2 * F32_EXP_BIAS + fmt.mbits) << F32_MANTISSA_BITS) - exponent_bits).view(torch.float32)
     scaled = x * inverse_step  # exact: a power-of-two scaling into integer units of the step
     if rounding == "rne":
-        integral = scaled.round_()  # torch.round is round-half-to-even
+        integral = scaled.round()  # torch.round is round-half-to-even
     elif rounding == "away":
         magnitude = scaled.abs()
         whole = magnitude.floor()
@@ -61,10 +68,12 @@ def round_to_element(
         integral = whole + (u < fraction).to(x.dtype)
     else:
         raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
-    values = integral.mul_(step)
-    if rounding != "rne":  # keeps -0 for negatives that round to zero (torch.round already does)
+    values = integral * step
+    if rounding != "rne":  # "away" rounded magnitudes and floor loses -0: put the sign back
         values = torch.copysign(values, x)
-    values = values.clamp_(-fmt.max_normal, fmt.max_normal)
+    values = values.clamp(-fmt.max_normal, fmt.max_normal)
+    if fmt.is_int:
+        values = values + 0.0  # two's complement has no -0: -0 + 0 is +0
     if fmt.has_inf:
         return torch.where(x.isinf(), x, values)
     return torch.where(x.isinf(), torch.nan, values)

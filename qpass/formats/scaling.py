@@ -24,14 +24,11 @@ class GroupScales(NamedTuple):
     tensor_scale: torch.Tensor | None = None  # NVFP4's per-tensor fp32 g
 
 
-def compute_scales(groups: torch.Tensor, spec: FormatSpec, amax: torch.Tensor | None = None, margin: int = 0) -> GroupScales:
-    """Scales for fp32 ``groups`` shaped ``[..., G, B]``; ``amax`` overrides the measured one."""
+def compute_scales(groups: torch.Tensor, spec: FormatSpec) -> GroupScales:
+    """Scales for fp32 ``groups`` shaped ``[..., G, B]``."""
     if spec.scaling == "absmax":
-        if amax is None:
-            amax = group_amax(groups, spec.granularity)
-        enc = absmax_encode(amax, spec.element.max_normal, spec.pow2, margin)
-        dec = 1.0 / enc
-        return GroupScales(enc, dec, dec if spec.granularity == "tensor" else dec.squeeze(-1))
+        factor = absmax_encode(group_amax(groups, spec.granularity), spec.element.max_normal, spec.pow2)
+        return absmax_group_scales(factor, spec)
     if spec.scaling == "mx":
         codes = mx.e8m0_codes(group_amax(groups, "block"), spec.element, spec.scale_mode)
         return GroupScales(mx.e8m0_encode(codes), mx.e8m0_decode(codes), codes.squeeze(-1))
@@ -40,6 +37,12 @@ def compute_scales(groups: torch.Tensor, spec: FormatSpec, amax: torch.Tensor | 
         s_b = nvfp4.block_scales(group_amax(groups, "block"), g)
         return GroupScales(nvfp4.element_encode(g, s_b), s_b * g, encode(s_b, FP8_E4M3).squeeze(-1), g)
     raise ValueError(f"unknown scaling {spec.scaling!r}")
+
+
+def absmax_group_scales(encode: torch.Tensor, spec: FormatSpec) -> GroupScales:
+    """Absmax scales from their encode factors (also the way in for delayed scaling)."""
+    decode = 1.0 / encode  # a correctly rounded reciprocal: one fp32 division
+    return GroupScales(encode, decode, decode if spec.granularity == "tensor" else decode.squeeze(-1))
 
 
 def stored_decode(spec: FormatSpec, stored: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:

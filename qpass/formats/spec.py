@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from qpass.formats.element import ELEMENT_FORMATS, ElementFormat
+from qpass.formats.element import ELEMENT_FORMATS, FP8_E4M3, ElementFormat
 
 SCALE_MODES = ("floor", "ceil", "even", "rceil")
 GRANULARITIES = ("tensor", "channel", "('block', k)")
 MX_BLOCK = 32
 NVFP4_BLOCK = 16
 E8M0_BITS = 8
-E4M3_BITS = 8
 FP32_BITS = 32
 
 
@@ -31,8 +30,10 @@ class FormatSpec:
     pow2: bool = False  # absmax only: round the encode scale down to a power of two
 
     def padded_length(self, length: int) -> int:
-        """The axis length after zero-padding: a multiple of the block, or even for fp4 packing."""
-        multiple = self.block_size if self.granularity == "block" else 2 if self.element.bits == 4 else 1
+        """The axis length after zero-padding: whole blocks, and even for fp4's two-per-byte packing."""
+        multiple = self.block_size if self.granularity == "block" else 1
+        if self.element.bits == 4 and multiple % 2:
+            multiple *= 2
         return -(-length // multiple) * multiple
 
     def group_size(self, length: int) -> int:
@@ -70,6 +71,10 @@ NAMED_FORMATS: dict[str, FormatSpec] = {
 }
 
 
+def _formats_with(scaling: str) -> str:
+    return ", ".join(name for name, spec in NAMED_FORMATS.items() if spec.scaling == scaling)
+
+
 def _parse_granularity(granularity) -> tuple[str, int | None]:
     if granularity in ("tensor", "channel"):
         return granularity, None
@@ -102,25 +107,22 @@ def resolve_format(
 
     if granularity is not None:
         if spec.scaling != "absmax":
-            raise ValueError(
-                f"{spec.name} fixes its own scaling blocks; granularity= applies to "
-                f"{', '.join(n for n, s in NAMED_FORMATS.items() if s.scaling == 'absmax')}"
-            )
+            raise ValueError(f"{spec.name} fixes its own scaling blocks; granularity= applies to {_formats_with('absmax')}")
         kind, block = _parse_granularity(granularity)
         spec = replace(spec, granularity=kind, block_size=block)
     if scale_mode is not None:
         if spec.scaling != "mx":
-            raise ValueError(f"scale_mode= applies to MX formats only, not {spec.name}")
+            raise ValueError(f"scale_mode= applies to {_formats_with('mx')}, not {spec.name}")
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"unknown scale_mode {scale_mode!r}; expected one of {', '.join(SCALE_MODES)}")
         spec = replace(spec, scale_mode=scale_mode)
     if pow2 is not None:
         if spec.scaling != "absmax":
-            raise ValueError(f"pow2= applies to absmax-scaled formats only, not {spec.name}")
+            raise ValueError(f"pow2= applies to {_formats_with('absmax')}, not {spec.name}")
         spec = replace(spec, pow2=bool(pow2))
     return spec
 
 
 def scale_bits(spec: FormatSpec) -> int:
     """Storage bits of one group scale (the NVFP4 per-tensor fp32 is counted separately)."""
-    return {"absmax": FP32_BITS, "mx": E8M0_BITS, "nvfp4": E4M3_BITS}[spec.scaling]
+    return {"absmax": FP32_BITS, "mx": E8M0_BITS, "nvfp4": FP8_E4M3.bits}[spec.scaling]

@@ -55,7 +55,8 @@ def cast_rne(v: np.ndarray, element: str) -> np.ndarray:
     dtype, max_normal, _ = ELEMENTS[element]
     v = np.clip(np.asarray(v, np.float32), -max_normal, max_normal)  # satfinite
     if element == "int8":
-        return (np.round(v * 64) / 64).astype(np.float32)  # np.round is half-to-even
+        # np.round is half-to-even; + 0.0 because two's complement int8 has no -0.
+        return (np.round(v * 64) / 64 + 0.0).astype(np.float32)
     return v.astype(dtype).astype(np.float32)
 
 
@@ -172,6 +173,15 @@ def test_absmax_matches_hand_scales(element, granularity, pow2, axis):
     assert_same_bits(to_np(fq), np.moveaxis(y_last, -1, axis))
 
 
+@pytest.mark.parametrize("amax", [3.0, 6.0, 12.0, 0.9178991913795471])
+def test_absmax_encode_is_one_fp32_division(amax):
+    # SPEC section 2: encode = max_normal / amax in fp32, one correctly rounded division
+    # (448 / 3 -> 149.33333), not 448 * fl(1 / 3) (-> 149.33334), which rounds twice.
+    encode = F32(448) / F32(amax)
+    qt = quantize(torch.tensor([amax, -amax / 2]), "fp8_e4m3")
+    assert qt.scales.item() == F32(1) / encode
+
+
 def test_absmax_worked_example_fp4():
     # amax 2.5: encode = fl32(6 / 2.5) = 2.4000000954, scaled 1.2, 2.4, 6.0 -> E2M1 1, 2, 6.
     qt = quantize(torch.tensor([0.5, 1.0, 2.5]), "fp4_e2m1")
@@ -188,7 +198,8 @@ def test_absmax_worked_example_pow2():
     x = torch.tensor([1.0, -2.0, 3.0])
     qt = quantize(x, "fp8_e4m3", pow2=True)
     assert qt.scales.item() == 2.0**-7
-    assert qt.codes.tolist() == torch.tensor([128.0, -256.0, 384.0]).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+    elements = torch.tensor([128.0, -256.0, 384.0]).to(torch.float8_e4m3fn)
+    assert qt.codes.tolist() == elements.view(torch.uint8).tolist()
     assert torch.equal(dequantize(qt), x)
 
 
@@ -345,13 +356,13 @@ def test_zero_dim_tensor(fmt):
 @pytest.mark.parametrize("fmt", ABSMAX_FORMATS + list(MX_FORMATS))
 def test_one_dim_tensor(fmt):
     x = sample((37,), seed=9, spread=False)
-    out = to_np(fake_quantize(torch.from_numpy(x), fmt))
+    out = to_np(dequantize(quantize(torch.from_numpy(x), fmt)))
     if fmt in MX_FORMATS:
         expected = mx_floor_oracle(x, MX_FORMATS[fmt])[0]
     else:
         expected = absmax_oracle(x, fmt, "tensor")[0]
     assert_same_bits(out, expected)
-    assert_same_bits(to_np(fake_quantize(torch.from_numpy(x), fmt, axis=0)), expected)
+    assert_same_bits(to_np(dequantize(quantize(torch.from_numpy(x), fmt, axis=0))), expected)
 
 
 @pytest.mark.parametrize("axis", [0, 2, -1])
@@ -442,7 +453,10 @@ def test_unknown_scale_mode_lists_modes(fn):
         assert mode in str(info.value)
 
 
-@pytest.mark.parametrize("granularity", ["row", "block", ("block",), ("block", 0), ("tile", 4), ("block", 2.5)], ids=str)
+BAD_GRANULARITIES = ["row", "block", ("block",), ("block", 0), ("tile", 4), ("block", 2.5)]
+
+
+@pytest.mark.parametrize("granularity", BAD_GRANULARITIES, ids=str)
 @pytest.mark.parametrize("fn", API)
 def test_unknown_granularity_lists_kinds(fn, granularity):
     with pytest.raises(ValueError) as info:

@@ -1,0 +1,287 @@
+"""NVFP4 (SPEC section 2): E2M1 elements, E4M3 scales per block of 16, one fp32 scale per tensor.
+
+The oracle is the SPEC formula re-implemented here step by step with numpy float32 arithmetic and
+ml_dtypes' RNE casts (float8_e4m3fn for the block scales, float4_e2m1fn for the elements), plus
+a few cases worked out by hand. Everything is compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import qpass
+
+F32 = np.float32
+FP32_MAX = F32(np.finfo(np.float32).max)
+E4M3_MIN_NORMAL = F32(2.0**-6)
+E4M3_MAX = F32(448.0)
+E2M1_MAX = F32(6.0)
+BLOCK = 16
+
+
+class Ref:
+    """SPEC NVFP4 for a float32 array quantized along its last axis, each step one fp32 operation."""
+
+    def __init__(self, x: np.ndarray):
+        assert x.dtype == np.float32
+        k = x.shape[-1]
+        k_pad = -(-k // BLOCK) * BLOCK
+        padded = np.concatenate([x, np.zeros((*x.shape[:-1], k_pad - k), F32)], axis=-1)
+        blocks = padded.reshape(*x.shape[:-1], k_pad // BLOCK, BLOCK)
+
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            # g = amax_tensor / 2688 (2688 = 448 * 6); 1.0 for an all-zero tensor; NaN for NaN/Inf.
+            amax = F32(np.max(np.abs(x)))
+            if amax == 0:
+                g = F32(1.0)
+            elif not np.isfinite(amax):
+                g = F32(np.nan)
+            else:
+                g = F32(max(amax / F32(2688.0), F32(2.0**-149)))  # qpass keeps g off zero
+            # s_b = e4m3_rne(clamp((block_amax / 6) / g, 2^-6, 448))
+            block_amax = np.max(np.abs(blocks), axis=-1)
+            ratio = (block_amax / E2M1_MAX) / g
+            ratio = np.clip(ratio, E4M3_MIN_NORMAL, E4M3_MAX)  # NaN stays NaN
+            s_b_e4m3 = ratio.astype(F32).astype(ml_dtypes.float8_e4m3fn)
+            s_b = s_b_e4m3.astype(F32)
+            # q = e2m1_rne(clamp(x * ((1 / g) / s_b), -6, 6)), with the factor (1 / g) / s_b clamped
+            # to fp32 max (qpass decision: it overflows only for amax below ~1e-35).
+            with np.errstate(over="ignore", divide="ignore"):
+                encode = ((F32(1.0) / g) / s_b).astype(F32)
+            encode = np.where(np.isnan(encode), encode, np.minimum(encode, FP32_MAX)).astype(F32)
+            scaled = (blocks * encode[..., None]).astype(F32)
+            nonfinite = ~np.isfinite(scaled)
+            q_e2m1 = np.clip(scaled, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn)
+            # E2M1 has no NaN: qpass stores a non-finite element as +0 (the NaN scales carry the NaN);
+            # ml_dtypes would give -0 here, so the code is set explicitly.
+            q_e2m1[nonfinite] = F32(0.0)
+            q = np.where(nonfinite, F32(np.nan), q_e2m1.astype(F32))
+            # dequantized q * (s_b * g)
+            decode = (s_b * g).astype(F32)
+            deq = (q * decode[..., None]).astype(F32)
+
+        self.g = g
+        self.scale_codes = s_b_e4m3.view(np.uint8)
+        codes = q_e2m1.view(np.uint8).reshape(*x.shape[:-1], k_pad)
+        self.packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # element 2i in the low nibble
+        self.deq = deq.reshape(*x.shape[:-1], k_pad)[..., :k]
+
+
+def reference(x: torch.Tensor, axis: int = -1) -> Ref:
+    """Run the reference with ``axis`` moved last (the QTensor layout)."""
+    return Ref(x.detach().float().movedim(axis, -1).contiguous().numpy())
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same values including the sign of zero; NaN matches NaN."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    a, e = actual[~nan].float(), expected[~nan].float()
+    assert torch.equal(a.view(torch.int32), e.view(torch.int32)), (a, e)
+
+
+def check_against_reference(x: torch.Tensor, axis: int = -1) -> None:
+    ref = reference(x, axis)
+    qt = qpass.quantize(x, "nvfp4", axis=axis)
+    assert qt.tensor_scale.dtype == torch.float32 and qt.tensor_scale.shape == ()
+    assert_bits_equal(qt.tensor_scale, torch.tensor(ref.g))
+    assert qt.scales.dtype == torch.uint8
+    assert qt.scales.numpy().tolist() == ref.scale_codes.tolist()
+    assert qt.codes.dtype == torch.uint8
+    assert qt.codes.numpy().tolist() == ref.packed.tolist()
+    expected = torch.from_numpy(ref.deq).movedim(-1, axis).to(x.dtype)
+    assert_bits_equal(qpass.dequantize(qt), expected)
+    assert_bits_equal(qpass.fake_quantize(x, "nvfp4", axis=axis), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Random tensors, several shapes and magnitudes.
+
+
+def heavy_tailed(shape, gen):
+    # Per-block magnitudes spread over ~10 binades either way, so block ratios hit the 2^-6 clamp,
+    # E4M3 subnormal-range ratios (clamped) and the top of the E4M3 range.
+    x = torch.randn(shape, generator=gen)
+    spread = torch.exp(3 * torch.randn((*shape[:-1], -(-shape[-1] // 16)), generator=gen))
+    return x * spread.repeat_interleave(16, dim=-1)[..., : shape[-1]]
+
+
+CASES = [
+    # (id, shape, axis, scale, dtype)
+    ("4x64", (4, 64), -1, 1.0, torch.float32),
+    ("3x50_small", (3, 50), -1, 1e-3, torch.float32),  # K not a multiple of 16
+    ("2x3x40_large", (2, 3, 40), -1, 1e4, torch.float32),
+    ("48x5_axis0", (48, 5), 0, 1.0, torch.float32),
+    ("3x20x7_axis1", (3, 20, 7), 1, 30.0, torch.float32),
+    ("1x16", (1, 16), -1, 1.0, torch.float32),
+    ("7", (7,), -1, 2.0, torch.float32),
+    ("8x32_bf16", (8, 32), -1, 1.0, torch.bfloat16),
+    ("6x33_fp16", (6, 33), -1, 100.0, torch.float16),
+    ("tiny_1e-37", (4, 32), -1, 1e-37, torch.float32),  # 1/g overflows fp32 and is clamped
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name, shape, axis, scale, dtype", CASES, ids=[c[0] for c in CASES])
+def test_random_matches_reference(name, shape, axis, scale, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * scale).to(dtype)
+    check_against_reference(x, axis)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_heavy_tailed_blocks_match_reference(seed):
+    x = heavy_tailed((6, 96), torch.Generator().manual_seed(seed))
+    ref = reference(x)
+    # The data really does exercise both ends of the block-scale clamp.
+    assert (ref.scale_codes == 0x08).any() and (ref.scale_codes >= 0x70).any()
+    check_against_reference(x)
+
+
+def test_all_grid_values_times_a_scale():
+    # Every E2M1 magnitude, both signs, in one block whose amax (6) is also the tensor's:
+    # g = 6/2688, ratio = (6/6)/g = 448 -> s_b = 448 and x * ((1/g)/448) is x up to rounding.
+    grid = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    x = torch.tensor([grid + [-v for v in grid]], dtype=torch.float32)
+    check_against_reference(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-worked cases.
+
+
+def test_hand_worked_block_and_low_clamp():
+    # Block 0: amax 2688 -> g = 2688/2688 = 1.0; ratio = 2688/6/1 = 448 -> s_b = 448 = 0 1111 110 = 0x7E.
+    #   x * ((1/1)/448): 2688 -> 6 (0111 = 7); 1000 -> 2.23 -> step 1: 2 (0100 = 4) -> 896;
+    #   -300 -> -0.67 -> step .5: 1.34 -> 1 -> -0.5 (1001 = 9) -> -224.   bytes 0x47, 0x09, then zeros.
+    # Block 1 (all zero): ratio 0 -> clamped to 2^-6 -> 0 0001 000 = 0x08; elements 0.
+    # Block 2: ratio = 0.05/6 = 0.0083 < 2^-6 -> clamped: s_b = 2^-6 (0x08), encode = 64:
+    #   0.05 * 64 = 3.2 -> 3 (0101 = 5) -> 3/64 = 0.046875;  -0.02 * 64 = -1.28 -> step .5: 2.56 -> 3 -> -1.5
+    #   (1011 = 0xB) -> -0.0234375;  0.001 * 64 = 0.064 -> 0.   bytes 0xB5, then zeros.
+    x = torch.zeros(1, 48)
+    x[0, :3] = torch.tensor([2688.0, 1000.0, -300.0])
+    x[0, 32:35] = torch.tensor([0.05, -0.02, 0.001])
+    qt = qpass.quantize(x, "nvfp4")
+    assert qt.tensor_scale.item() == 1.0
+    assert qt.scales.tolist() == [[0x7E, 0x08, 0x08]]
+    assert qt.codes.tolist() == [[0x47, 0x09] + [0] * 6 + [0] * 8 + [0xB5] + [0] * 7]
+    expected = torch.zeros(1, 48)
+    expected[0, :3] = torch.tensor([2688.0, 896.0, -224.0])
+    expected[0, 32:34] = torch.tensor([0.046875, -0.0234375])
+    assert torch.equal(qpass.dequantize(qt), expected)
+    check_against_reference(x)
+
+
+def test_zero_block_inside_nonzero_tensor():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 64, generator=gen)
+    x[1, 16:32] = 0.0
+    qt = qpass.quantize(x, "nvfp4")
+    assert qt.scales[1, 1].item() == 0x08  # s_b clamps up to 2^-6
+    assert qt.codes[1, 8:16].tolist() == [0] * 8
+    out = qpass.dequantize(qt)
+    assert torch.equal(out[1, 16:32], torch.zeros(16)) and not out[1, 16:32].signbit().any()
+    check_against_reference(x)
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (3, 21)])
+def test_all_zero_tensor(shape):
+    x = torch.zeros(shape)
+    qt = qpass.quantize(x, "nvfp4")
+    assert qt.tensor_scale.item() == 1.0  # g = 1.0 when amax is 0
+    assert (qt.scales == 0x08).all()
+    assert (qt.codes == 0).all()
+    assert_bits_equal(qpass.dequantize(qt), x)
+    assert_bits_equal(qpass.fake_quantize(x, "nvfp4"), x)
+    check_against_reference(x)
+
+
+def test_block_ratio_above_448_is_clamped():
+    # A subnormal tensor amax: 3000 * 2^-149 / 2688 = 1.12 * 2^-149 rounds to g = 2^-149, so the block
+    # ratio (3000 * 2^-149 / 6) / g = 500 exceeds 448: clamped to 448 (0x7E). Without the clamp the
+    # E4M3 cast of 500 would be NaN. 1/g = 2^149 overflows and is clamped to fp32 max, so the element
+    # 3000 * 2^-149 * (fp32max / 448) = 3.2e-6 rounds to 0.
+    x = torch.zeros(1, 16)
+    x[0, 0] = 3000 * 2.0**-149
+    qt = qpass.quantize(x, "nvfp4")
+    assert qt.tensor_scale.item() == 2.0**-149
+    assert qt.scales.tolist() == [[0x7E]]
+    assert qt.codes.tolist() == [[0] * 8]
+    assert torch.equal(qpass.dequantize(qt), torch.zeros(1, 16))
+    check_against_reference(x)
+
+
+def test_e4m3_scale_rounding_is_rne():
+    # Tensor amax 2688 -> g = 1. Block 1 amax 6 * 9.5 = 57 -> ratio 9.5, halfway between the E4M3 values
+    # 9 and 10 (step 1 in [8, 16)): RNE picks 10 (mantissa 010 even over 001) = 0 1010 010 = 0x52.
+    # Block 2 amax 6 * 11 = 66 -> ratio 11.0 exactly = 0 1010 011 = 0x53.
+    x = torch.zeros(1, 48)
+    x[0, 0] = 2688.0
+    x[0, 16] = 57.0
+    x[0, 32] = 66.0
+    qt = qpass.quantize(x, "nvfp4")
+    assert qt.scales.tolist() == [[0x7E, 0x52, 0x53]]
+    # 57 * (1/10) = 5.7 -> step 2 in [4, 8): 2.85 -> 3 -> 6 (0111) -> 60;  66/11 = 6 -> 6 -> 66.
+    assert qpass.dequantize(qt)[0, [16, 32]].tolist() == [60.0, 66.0]
+    check_against_reference(x)
+
+
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf], ids=["nan", "+inf", "-inf"])
+def test_nonfinite_makes_everything_nan(special):
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(8))
+    x[2, 37] = special
+    qt = qpass.quantize(x, "nvfp4")
+    assert not qt.tensor_scale.isfinite()
+    assert qpass.dequantize(qt).isnan().all()
+    assert qpass.fake_quantize(x, "nvfp4").isnan().all()
+    assert (qt.scales == 0x7F).all()  # E4M3 NaN code
+    assert (qt.codes == 0).all()  # E2M1 has no NaN code; non-finite elements encode as +0
+
+
+def test_nan_matches_reference():
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(9))
+    x[0, 3] = math.nan
+    check_against_reference(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and storage.
+
+
+@pytest.mark.parametrize(
+    "shape, axis, scales_shape, codes_shape",
+    [
+        ((64, 64), -1, (64, 4), (64, 32)),
+        ((5, 17), -1, (5, 2), (5, 16)),
+        ((17, 5), 0, (5, 2), (5, 16)),
+        ((2, 3, 8), 1, (2, 8, 1), (2, 8, 8)),
+    ],
+)
+def test_layout(shape, axis, scales_shape, codes_shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(10))
+    qt = qpass.quantize(x, "nvfp4", axis=axis)
+    assert qt.scales.shape == scales_shape  # [..., ceil(K/16)] E4M3 bytes
+    assert qt.codes.shape == codes_shape  # [..., K_pad/2], two E2M1 codes per byte
+    assert qt.shape == x.shape and qt.axis == axis % len(shape)
+    assert qpass.dequantize(qt).shape == x.shape
+
+
+def test_bits_per_element():
+    qt = qpass.quantize(torch.randn(64, 64, generator=torch.Generator().manual_seed(11)), "nvfp4")
+    assert qt.bits_per_element() == 4 + 8 / 16 + 32 / 4096
+
+
+def test_bf16_dequantize_dtype():
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    qt = qpass.quantize(x, "nvfp4")
+    assert qt.dtype == torch.bfloat16 and qpass.dequantize(qt).dtype == torch.bfloat16
+    # bf16 upcasts exactly: same codes and scales as the fp32 copy.
+    ref = qpass.quantize(x.float(), "nvfp4")
+    assert torch.equal(qt.codes, ref.codes) and torch.equal(qt.scales, ref.scales)
+    assert torch.equal(qt.tensor_scale, ref.tensor_scale)
