@@ -12,7 +12,7 @@ import time
 import torch
 
 import qpass
-from qpass.cli import format_table, student_t
+from qpass.cli import print_format_table, student_t
 from qpass.formats import NAMED_FORMATS
 
 
@@ -25,10 +25,7 @@ def matmul_qsnr(x: torch.Tensor, w: torch.Tensor, fmt: str) -> float:
 
 def main() -> None:
     start = time.perf_counter()
-    print("qpass formats: bits per element (scales included) and QSNR in dB\n")
-    print(f"{'format':<12} {'bits':>6} {'N(0,1)':>8} {'t(3)':>8}")
-    for name, bits, q_normal, q_heavy in format_table(rows=128, cols=2048):
-        print(f"{name:<12} {bits:>6.3f} {q_normal:>8.2f} {q_heavy:>8.2f}")
+    print_format_table(rows=128, cols=2048)
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(256, 1024, generator=generator)

@@ -35,12 +35,12 @@ def format_table(rows: int = 256, cols: int = 4096, seed: int = 0) -> list[tuple
     return table
 
 
-def print_formats(args: argparse.Namespace) -> None:
-    print(f"Named formats on a {args.rows}x{args.cols} fp32 tensor (blocks along the last axis, seed {args.seed}).")
+def print_format_table(rows: int, cols: int, seed: int = 0) -> None:
+    print(f"Named formats on a {rows}x{cols} fp32 tensor (blocks along the last axis, seed {seed}).")
     print("fp8_*/fp6_*/fp4_e2m1 use their default per-tensor absmax scale; QSNR in dB, higher is better.\n")
     header = ("format", "bits/elem", "QSNR N(0,1)", "QSNR t(3)")
     print(f"{header[0]:<12} {header[1]:>9} {header[2]:>12} {header[3]:>10}")
-    for name, bits, q_normal, q_heavy in format_table(args.rows, args.cols, args.seed):
+    for name, bits, q_normal, q_heavy in format_table(rows, cols, seed):
         print(f"{name:<12} {bits:>9.3f} {q_normal:>12.2f} {q_heavy:>10.2f}")
 
 
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     formats.add_argument("--rows", type=int, default=256)
     formats.add_argument("--cols", type=int, default=4096)
     formats.add_argument("--seed", type=int, default=0)
-    formats.set_defaults(run=print_formats)
     args = parser.parse_args(argv)
-    args.run(args)
+    if args.command == "formats":
+        print_format_table(args.rows, args.cols, args.seed)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from qpass.formats.element import decode, encode
 from qpass.formats.grouping import from_groups, normalize_axis, to_groups
 from qpass.formats.packing import pack_codes, unpack_codes
 from qpass.formats.qtensor import QTensor
-from qpass.formats.rounding import ROUNDING_MODES, make_generator, round_to_element
+from qpass.formats.rounding import check_rounding, make_generator, round_to_element
 from qpass.formats.scaling import GroupScales, absmax_group_scales, compute_scales, stored_decode
 from qpass.formats.spec import FormatSpec, resolve_format
 
@@ -34,8 +34,7 @@ def _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed) 
     """Check every argument before any work: the spec and the non-negative axis."""
     _check_input(x)
     spec = resolve_format(format, granularity, scale_mode, pow2)
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
+    check_rounding(rounding)
     if delayed is not None and not (spec.scaling == "absmax" and spec.granularity == "tensor"):
         raise ValueError(f"delayed scaling needs per-tensor absmax scaling, not {spec.name} ({spec.granularity})")
     if delayed is not None and pow2 is not None:
@@ -52,7 +51,7 @@ def _element_values(
     delayed: DelayedScaling | None = None,
 ) -> tuple[torch.Tensor, GroupScales]:
     """The element values (fp32 on the element grid, ``[..., G, B]``) and the scales of ``x``."""
-    x32 = x.reshape(1) if x.ndim == 0 else x
+    x32 = x.reshape(-1) if x.ndim == 0 else x
     if x32.dtype == torch.float64:
         # Rounded to fp32, where all scale arithmetic happens; finite values beyond fp32's range
         # saturate to its max (as any finite overflow does) rather than turn into Inf.
@@ -69,10 +68,8 @@ def _element_values(
     return round_to_element(groups * scales.encode, spec.element, rounding, generator), scales
 
 
-def _fake_quantize_values(x, spec, axis, rounding, generator=None, delayed=None) -> torch.Tensor:
-    values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
-    length = x.shape[axis] if x.ndim else 1
-    return from_groups(values * scales.decode, axis, length).reshape(x.shape).to(x.dtype)
+def _axis_length(shape: torch.Size, axis: int) -> int:
+    return shape[axis] if len(shape) else 1  # a 0-dim tensor is quantized as one element
 
 
 def quantize(
@@ -111,8 +108,7 @@ def dequantize(qt: QTensor) -> torch.Tensor:
     """Back to a tensor of the original shape and dtype."""
     spec = qt.format
     codes = unpack_codes(qt.codes, spec.element)
-    shape = (1,) if len(qt.shape) == 0 else qt.shape
-    length = shape[qt.axis]
+    length = _axis_length(qt.shape, qt.axis)
     values = decode(codes, spec.element).reshape(*codes.shape[:-1], -1, spec.group_size(length))
     x = values * stored_decode(spec, qt.scales, qt.tensor_scale)
     return from_groups(x, qt.axis, length).reshape(qt.shape).to(qt.dtype)
@@ -142,7 +138,10 @@ def fake_quantize(
     """``dequantize(quantize(x, ...))`` without building codes; the gradient passes straight through."""
     spec, axis = _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
     with torch.no_grad():
-        out = _fake_quantize_values(x, spec, axis, rounding, make_generator(generator, x.device), delayed)
+        generator = make_generator(generator, x.device)
+        values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
+        out = from_groups(values * scales.decode, axis, _axis_length(x.shape, axis))
+        out = out.reshape(x.shape).to(x.dtype)
     return _StraightThrough.apply(x, out) if x.requires_grad else out
 
 

@@ -34,7 +34,7 @@ def exponent_and_mantissa(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fp32 subnormals are first scaled by 2^64 (exact) so that they too have an exponent field. Pure
     bit arithmetic rather than ``torch.frexp``, which Inductor miscompiles in some fused kernels.
     """
-    subnormal = x < 2.0**F32_MIN_NORMAL_EXP
+    subnormal = x < FP32_TINY
     bits = torch.where(subnormal, x * 2.0**64, x).view(torch.int32)
     exponent = ((bits >> F32_MANTISSA_BITS) & 0xFF) - F32_EXP_BIAS - subnormal.to(torch.int32) * 64
     return exponent, bits & ((1 << F32_MANTISSA_BITS) - 1)
@@ -50,7 +50,3 @@ def ceil_log2(x: torch.Tensor) -> torch.Tensor:
     exponent, mantissa = exponent_and_mantissa(x)
     return exponent + (mantissa != 0).to(torch.int32)
 
-
-def biased_exponent(x: torch.Tensor) -> torch.Tensor:
-    """The 8-bit exponent field of fp32 values (0 for zeros and subnormals, 255 for NaN/Inf)."""
-    return (x.view(torch.int32) >> F32_MANTISSA_BITS) & 0xFF

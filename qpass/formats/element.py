@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qpass.formats.bits import F32_EXP_BIAS, F32_MANTISSA_BITS, biased_exponent
+from qpass.formats.bits import F32_MANTISSA_BITS, exponent_and_mantissa
 
 
 @dataclass(frozen=True)
@@ -114,12 +114,10 @@ def encode(values: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
     if fmt.is_int:
         k = torch.nan_to_num(values * 64, nan=0.0, posinf=0.0, neginf=0.0).to(torch.int32)
         return (k & 0xFF).to(torch.uint8)
-    bits = values.view(torch.int32)
-    sign = (bits >> 31) & 1
+    sign = (values.view(torch.int32) >> 31) & 1
     magnitude = values.abs()
-    normal_exp = biased_exponent(values) - F32_EXP_BIAS + fmt.bias
-    normal_mantissa = (bits & ((1 << F32_MANTISSA_BITS) - 1)) >> (F32_MANTISSA_BITS - fmt.mbits)
-    normal_code = (normal_exp << fmt.mbits) | normal_mantissa
+    exponent, mantissa = exponent_and_mantissa(magnitude)  # used where magnitude is normal
+    normal_code = ((exponent + fmt.bias) << fmt.mbits) | (mantissa >> (F32_MANTISSA_BITS - fmt.mbits))
     subnormal_code = (magnitude / fmt.min_subnormal).to(torch.int32)  # exact: a multiple of the step
     code = torch.where(magnitude < fmt.min_normal, subnormal_code, normal_code)
     code = code | (sign << (fmt.ebits + fmt.mbits))

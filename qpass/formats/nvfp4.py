@@ -12,6 +12,7 @@ import torch
 from qpass.formats.bits import FP32_MAX, FP32_MIN_SUBNORMAL
 from qpass.formats.element import FP4_E2M1, FP8_E4M3
 from qpass.formats.rounding import round_to_element
+
 GLOBAL_DIVISOR = FP8_E4M3.max_normal * FP4_E2M1.max_normal  # 2688
 
 

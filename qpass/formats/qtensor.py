@@ -40,7 +40,7 @@ class QTensor:
         return element_bits + total_scale_bits
 
     def bits_per_element(self) -> float:
-        return self.storage_bits() / max(self.numel, 1)
+        return self.storage_bits() / self.numel
 
     def dequantize(self) -> torch.Tensor:
         from qpass.formats.api import dequantize

@@ -17,6 +17,11 @@ from qpass.formats.element import ElementFormat
 ROUNDING_MODES = ("rne", "stochastic", "away")
 
 
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
+
+
 def make_generator(seed_or_generator, device: torch.device) -> torch.Generator | None:
     """Accept a ``torch.Generator``, an int seed, or None (torch's default generator)."""
     if isinstance(seed_or_generator, torch.Generator):
@@ -46,6 +51,7 @@ def round_to_element(
     NaN stays NaN; ±Inf stays ±Inf where the format has Inf and becomes NaN where it does not
     (overflow is never hidden as a finite number); finite values beyond max normal saturate.
     """
+    check_rounding(rounding)
     # The step and its reciprocal are built straight from x's exponent bits: 2^(E - 127 - mbits)
     # with E the biased fp32 exponent, clamped below at the subnormal binade and above so that
     # neither power of two leaves fp32's normal range (NaN/Inf stay NaN/Inf regardless).
@@ -61,13 +67,11 @@ def round_to_element(
         magnitude = scaled.abs()
         whole = magnitude.floor()
         integral = whole + (magnitude - whole >= 0.5).to(x.dtype)  # the fraction is exact
-    elif rounding == "stochastic":
+    else:  # stochastic
         whole = scaled.floor()
         fraction = (scaled - whole).double()  # exact in fp32; float64 keeps P(up) = fraction to 2^-53
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
         integral = whole + (u < fraction).to(x.dtype)
-    else:
-        raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(ROUNDING_MODES)}")
     values = integral * step
     if rounding != "rne":  # "away" rounded magnitudes and floor loses -0: put the sign back
         values = torch.copysign(values, x)

@@ -17,17 +17,7 @@ import torch
 from qpass.formats.element import ELEMENT_FORMATS, code_table, decode, encode
 from qpass.formats.rounding import round_to_element
 
-FLOAT_FORMATS = ["fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1"]
-ALL_FORMATS = FLOAT_FORMATS + ["int8"]
-
-# The ml_dtypes type that holds the same OCP encoding (codes in the low bits of a byte).
-ML_DTYPE = {
-    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-    "fp8_e5m2": ml_dtypes.float8_e5m2,
-    "fp6_e2m3": ml_dtypes.float6_e2m3fn,
-    "fp6_e3m2": ml_dtypes.float6_e3m2fn,
-    "fp4_e2m1": ml_dtypes.float4_e2m1fn,
-}
+from oracles import ALL_FORMATS, FLOAT_FORMATS, ML_DTYPE
 
 # SPEC section 1, typed in by hand (None where the SPEC table says "–").
 SPEC_TABLE = {

@@ -317,18 +317,23 @@ def test_rne_error_is_at_most_half_a_step(case):
     check_rne_error(case)
 
 
-def check_rne_error(case):
+def scaled_and_quantized(case) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(x in element units by hand, qpass's element values, the grid step at each, max normal)."""
     element, _ = FORMATS[case["fmt"]]
-    max_normal = ELEMENTS[element][1]
     assert_finite_result(case)
     qt = run(case)
     s = hand_scaled(case["x"], case["axis"], case["fmt"], case["options"], qt).astype(np.float64)
     q = element_values(qt.codes, element).astype(np.float64)
+    return s, q, grid_step(s, element), ELEMENTS[element][1]
+
+
+def check_rne_error(case):
+    s, q, step, max_normal = scaled_and_quantized(case)
     assert q.shape == s.shape
     in_range = np.abs(s) <= max_normal
     # In range: within half the grid step of the binade the scaled value lies in.
     err = np.abs(q - s)
-    half_step = grid_step(s, element) / 2
+    half_step = step / 2
     bad = in_range & (err > half_step)
     assert not bad.any(), (s[bad][:4], q[bad][:4])
     # Beyond max normal: the saturation error, i.e. exactly +-max normal.
@@ -342,13 +347,7 @@ def test_stochastic_rounding_gives_a_neighbouring_grid_point(case):
 
 
 def check_stochastic_neighbours(case):
-    element, _ = FORMATS[case["fmt"]]
-    max_normal = ELEMENTS[element][1]
-    assert_finite_result(case)
-    qt = run(case)
-    s = hand_scaled(case["x"], case["axis"], case["fmt"], case["options"], qt).astype(np.float64)
-    q = element_values(qt.codes, element).astype(np.float64)
-    step = grid_step(s, element)
+    s, q, step, max_normal = scaled_and_quantized(case)
     # s / step is exact (a power-of-two scaling), so floor/ceil give the two grid neighbours.
     down = np.clip(np.floor(s / step) * step, -max_normal, max_normal)
     up = np.clip(np.ceil(s / step) * step, -max_normal, max_normal)

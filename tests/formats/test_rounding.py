@@ -18,16 +18,8 @@ import torch
 from qpass.formats.element import ELEMENT_FORMATS
 from qpass.formats.rounding import round_to_element
 
-FLOAT_FORMATS = ["fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1"]
-ALL_FORMATS = FLOAT_FORMATS + ["int8"]
+from oracles import ALL_FORMATS, FLOAT_FORMATS, ML_DTYPE
 
-ML_DTYPE = {
-    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-    "fp8_e5m2": ml_dtypes.float8_e5m2,
-    "fp6_e2m3": ml_dtypes.float6_e2m3fn,
-    "fp6_e3m2": ml_dtypes.float6_e3m2fn,
-    "fp4_e2m1": ml_dtypes.float4_e2m1fn,
-}
 TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 N_CODES = {"fp8_e4m3": 256, "fp8_e5m2": 256, "fp6_e2m3": 64, "fp6_e3m2": 64, "fp4_e2m1": 16}
 
