@@ -17,7 +17,7 @@ PIP_QUIET ?= -q
 $(VENV)/.installed: pyproject.toml Makefile $(VENV)/.torch-spec
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[test]"
+	$(VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[test,demo]"
 	touch $@
 
 # The benchmark environment also has the peers (torchao), which the test environment never sees.

@@ -1,5 +1,7 @@
 """qpass: low-precision (FP8, MX, FP4) quantization for PyTorch models, as compiler passes."""
 
+from qpass import ops  # noqa: F401 -- registers the qpass:: custom ops
+from qpass.compile import compile, export
 from qpass.formats import (
     DelayedScaling,
     FormatSpec,
@@ -9,6 +11,9 @@ from qpass.formats import (
     qsnr,
     quantize,
 )
+from qpass.quantizer import Quantizer
+from qpass.recipes import Recipe, get_recipe, recipes
+from qpass.report import Report, report
 
 __version__ = "0.1.0"
 
@@ -16,8 +21,16 @@ __all__ = [
     "DelayedScaling",
     "FormatSpec",
     "QTensor",
+    "Quantizer",
+    "Recipe",
+    "Report",
+    "compile",
     "dequantize",
+    "export",
     "fake_quantize",
+    "get_recipe",
     "qsnr",
     "quantize",
+    "recipes",
+    "report",
 ]

@@ -1,0 +1,138 @@
+"""``qpass.compile``: capture a model's graphs with Dynamo, quantize them, hand them on to a compiler.
+
+Like ``nn.Module.compile`` (and torchao's ``quantize_``), it works in place: the model keeps its
+class, parameters, ``state_dict`` keys, call signature and train/eval behaviour, and every call goes
+through Dynamo. Graph breaks and Python control flow are Dynamo's to handle; each graph it captures
+(one per break, and again on a recompile) passes through :func:`qpass.passes.quantize_graph` before
+AOTAutograd and Inductor (or ``aot_eager`` / ``eager``) see it.
+
+``qpass.export`` is the torch.export path (used by the ONNX export): the same passes on an
+exported program's graph, re-exported so that the result holds only ATen and qpass ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import fx, nn
+
+from qpass.passes import quantize_graph
+from qpass.recipes import Recipe, get_recipe
+from qpass.state import QpassState
+
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def _dynamo_parameters(gm: fx.GraphModule) -> set[fx.Node]:
+    """Placeholders that Dynamo lifted from parameters (or get_attrs of them)."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            grapharg = node.meta.get("grapharg")
+            if isinstance(getattr(grapharg, "example", None), nn.Parameter):
+                found.add(node)
+        elif node.op == "get_attr" and isinstance(getattr(gm, node.target, None), nn.Parameter):
+            found.add(node)
+    return found
+
+
+def _get_attr_parameters(gm: fx.GraphModule) -> set[fx.Node]:
+    parameters = dict(gm.named_parameters())
+    return {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in parameters}
+
+
+class _Backend:
+    """The torch.compile backend: quantize the captured graph, then compile it."""
+
+    def __init__(self, state: QpassState):
+        self.state = state
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        _quantize(gm, _dynamo_parameters(gm), self.state)
+        return torch._dynamo.lookup_backend(self.state.backend)(gm, example_inputs)
+
+
+def _quantize(gm: fx.GraphModule, parameters: set[fx.Node], state: QpassState) -> None:
+    recipe = state.recipe
+    new_state = state.delayed_scaling if recipe.scaling == "delayed" else None
+    plans = quantize_graph(gm, parameters, recipe, state.matched_globs, new_state)
+    state.record(plans)
+
+
+def compile(
+    model: nn.Module,
+    recipe: str | Recipe = "fp8-train",
+    *,
+    backend: str = "inductor",
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+    **overrides,
+) -> nn.Module:
+    """Quantize every matmul of ``model`` as ``recipe`` says; returns ``model``, compiled in place.
+
+    ``overrides`` are recipe fields and the SPEC section 8 overrides (``attention=``, ``rules=``,
+    ``exclude=``, ``rounding=``, ``scale_mode=``, ``scaling=``, ...). ``backend`` is what compiles
+    the quantized graphs: ``"inductor"``, ``"aot_eager"`` or ``"eager"``. Sites are found when the
+    model first runs; then :func:`qpass.report` lists them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qpass.compile takes an nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    recipe = get_recipe(recipe).with_overrides(**overrides)
+    if isinstance(getattr(model, "_qpass", None), QpassState):
+        warnings.warn("this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
+        del model._qpass
+    state = QpassState(recipe, backend)
+    model._qpass = state
+    compiled = torch.compile(model._call_impl, backend=_Backend(state), dynamic=dynamic, fullgraph=fullgraph)
+
+    def call(*args, **kwargs):
+        out = compiled(*args, **kwargs)
+        if not state.checked:
+            state.check_first_call()
+        return out
+
+    model._compiled_call_impl = call
+    return model
+
+
+@contextlib.contextmanager
+def _uncompiled(model: nn.Module):
+    """Run ``model`` as plain Python (torch.export traces it itself)."""
+    saved = getattr(model, "_compiled_call_impl", None)
+    model._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        model._compiled_call_impl = saved
+
+
+def export(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    recipe: str | Recipe | None = None,
+    dynamic_shapes=None,
+    **overrides,
+) -> torch.export.ExportedProgram:
+    """A ``torch.export`` program of ``model`` with its matmuls quantized.
+
+    ``model`` is either compiled by :func:`qpass.compile` (its recipe is used) or a plain module
+    with ``recipe=`` (and overrides) given here.
+    """
+    state = getattr(model, "_qpass", None)
+    if not isinstance(state, QpassState):
+        if recipe is None:
+            raise ValueError("qpass.export needs a model compiled by qpass.compile, or recipe=")
+        state = QpassState(get_recipe(recipe).with_overrides(**overrides), "eager")
+    elif recipe is not None or overrides:
+        raise ValueError("this model was compiled by qpass.compile: its recipe is used; compile again to change it")
+    with _uncompiled(model):
+        program = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes)
+    gm = program.module()
+    _quantize(gm, _get_attr_parameters(gm), state)
+    return torch.export.export(gm, tuple(args), kwargs, dynamic_shapes=dynamic_shapes)

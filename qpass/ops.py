@@ -1,0 +1,178 @@
+"""qpass's custom ops, the nodes that the quantization pass inserts into graphs.
+
+``qpass::quantize_dequantize``  one operand's QDQ (inference sites, and per-tensor operands of
+                                training sites); straight-through gradient.
+``qpass::quantized_matmul``     ``Q(A) · Q(B)`` for ``A [..., M, K]`` and ``B [..., K, N]``, with
+                                a backward that runs the dgrad and wgrad GEMMs of SPEC section 6:
+                                each quantizes its operands from the high-precision tensors along
+                                its own reduction axis. Independent QDQ nodes on the forward graph
+                                cannot express that (dY is needed along N and along M).
+
+Every op has a CPU/CUDA implementation (the reference numerics of :mod:`qpass.formats`) and a
+fake implementation, so torch.compile traces them without graph breaks, and takes its quantizers
+as JSON strings (:meth:`Quantizer.to_json`), so an exported graph says what it computes. Products
+accumulate in fp32 whatever the operands' dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from qpass.quantizer import Quantizer
+from qpass.state import delayed_state
+
+
+def _quantize(quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "") -> Tensor:
+    """fp32 fake-quantized ``x`` (``x`` itself in fp32 when the role stays in high precision)."""
+    x = x.detach().float()
+    return x if quantizer is None else quantizer(x, axis, delayed_state(state))
+
+
+# ---- quantize-dequantize -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qpass::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: Tensor, quantizer: str, axis: int, state: str = "") -> Tensor:
+    """``fake_quantize(x)`` with the quantizer given as JSON; ``state`` names a delayed-scaling state."""
+    return _quantize(Quantizer.from_json(quantizer), x, axis, state).to(x.dtype)
+
+
+@quantize_dequantize.register_fake
+def _(x, quantizer, axis, state=""):
+    return torch.empty_like(x)
+
+
+def _straight_through(ctx, grad):
+    return grad, None, None, None
+
+
+quantize_dequantize.register_autograd(_straight_through)
+
+
+# ---- quantized matmul ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatmulQuantizers:
+    """The quantizers of one product ``A · B`` in its three GEMMs (None: high precision).
+
+    ``a``, ``b``: the forward's operands; ``da_grad``, ``da_b``: dY and B in the GEMM that gives dA;
+    ``db_grad``, ``db_a``: dY and A in the GEMM that gives dB. The ``*_state`` fields name
+    delayed-scaling states (:mod:`qpass.state`) of per-tensor operands.
+    """
+
+    a: Quantizer | None = None
+    b: Quantizer | None = None
+    da_grad: Quantizer | None = None
+    da_b: Quantizer | None = None
+    db_grad: Quantizer | None = None
+    db_a: Quantizer | None = None
+    a_state: str = ""
+    b_state: str = ""
+    grad_state: str = ""
+
+    def __post_init__(self) -> None:
+        # A delayed-scaling state records one amax per step: its operand must be quantized once.
+        inference = not self.quantizes_backward
+        once = {"a_state": self.hoists_a or inference, "b_state": self.hoists_b or inference, "grad_state": self.shares_grad}
+        for state, quantized_once in once.items():
+            if getattr(self, state) and not quantized_once:
+                raise ValueError(f"{state}: delayed scaling needs one per-tensor quantizer for the operand in both its GEMMs")
+
+    @staticmethod
+    def _same_per_tensor(first: Quantizer | None, second: Quantizer | None) -> bool:
+        return first is not None and first == second and first.per_tensor
+
+    @property
+    def hoists_a(self) -> bool:
+        """A is quantized identically in both its GEMMs, so once, before the product (and saved so)."""
+        return self._same_per_tensor(self.a, self.db_a)
+
+    @property
+    def hoists_b(self) -> bool:
+        return self._same_per_tensor(self.b, self.da_b)
+
+    @property
+    def shares_grad(self) -> bool:
+        """dY is quantized identically for both backward GEMMs, so once per backward."""
+        return self._same_per_tensor(self.da_grad, self.db_grad)
+
+    @property
+    def quantizes_backward(self) -> bool:
+        return any((self.da_grad, self.da_b, self.db_grad, self.db_a))
+
+    def to_json(self) -> str:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.dumps({k: v.to_json() if isinstance(v, Quantizer) else v for k, v in values.items()})
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def from_json(text: str) -> MatmulQuantizers:
+        values = json.loads(text)
+        return MatmulQuantizers(**{k: Quantizer.from_json(v) if k in QUANTIZER_FIELDS and v else v for k, v in values.items()})
+
+
+QUANTIZER_FIELDS = ("a", "b", "da_grad", "da_b", "db_grad", "db_a")
+
+
+@torch.library.custom_op("qpass::quantized_matmul", mutates_args=())
+def quantized_matmul(a: Tensor, b: Tensor, quantizers: str) -> Tensor:
+    """fprop: ``Q(A along K) · Q(B along K)`` in fp32, returned in ``a``'s dtype."""
+    q = MatmulQuantizers.from_json(quantizers)
+    return torch.matmul(_quantize(q.a, a, -1), _quantize(q.b, b, -2)).to(a.dtype)
+
+
+@quantized_matmul.register_fake
+def _(a, b, quantizers):
+    return torch.matmul(a, b)
+
+
+@torch.library.custom_op("qpass::quantized_matmul_backward", mutates_args=())
+def quantized_matmul_backward(
+    grad: Tensor, a: Tensor, b: Tensor, quantizers: str, need_a: bool, need_b: bool
+) -> tuple[Tensor, Tensor]:
+    """dgrad ``dA = Q(dY along N) · Q(B along N)ᵀ`` and wgrad ``dB = Q(A along M)ᵀ · Q(dY along M)``.
+
+    When B is a matrix shared by every batch entry (a linear layer's weight), M is all of A's
+    leading dimensions flattened; otherwise each batch entry has its own M. Gradients not needed
+    come back empty.
+    """
+    q = MatmulQuantizers.from_json(quantizers)
+    shared = _quantize(q.da_grad, grad, -1, q.grad_state) if q.shares_grad else None
+    grad_a = grad_b = grad.new_empty(0)
+    if need_a:
+        dy = shared if shared is not None else _quantize(q.da_grad, grad, -1)
+        grad_a = (dy @ _quantize(q.da_b, b, -1).mT).sum_to_size(a.shape).to(a.dtype)
+    if need_b:
+        if b.ndim == 2:
+            a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            shared = shared if shared is None else shared.reshape(grad.shape)
+        dy = shared if shared is not None else _quantize(q.db_grad, grad, -2)
+        grad_b = (_quantize(q.db_a, a, -2).mT @ dy).sum_to_size(b.shape).to(b.dtype)
+    return grad_a, grad_b
+
+
+@quantized_matmul_backward.register_fake
+def _(grad, a, b, quantizers, need_a, need_b):
+    return (torch.empty_like(a) if need_a else grad.new_empty(0)), (torch.empty_like(b) if need_b else grad.new_empty(0))
+
+
+def _save_operands(ctx, inputs, output):
+    a, b, quantizers = inputs
+    ctx.save_for_backward(a, b)
+    ctx.quantizers = quantizers
+
+
+def _matmul_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[:2]
+    grad_a, grad_b = torch.ops.qpass.quantized_matmul_backward(grad, a, b, ctx.quantizers, need_a, need_b)
+    return (grad_a if need_a else None), (grad_b if need_b else None), None
+
+
+quantized_matmul.register_autograd(_matmul_backward, setup_context=_save_operands)

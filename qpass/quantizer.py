@@ -1,0 +1,89 @@
+"""How one matmul operand is quantized: a format and its options, applied with ``fake_quantize``.
+
+A :class:`Quantizer` is what a recipe assigns to each operand role. It is validated when built
+(through :func:`qpass.formats.resolve_format`), so a bad format name fails at ``qpass.compile``
+rather than mid-training, and it serializes to a short JSON string: that string is how the custom
+ops of :mod:`qpass.ops` carry it, which keeps the ops self-describing in exported graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import astuple, dataclass
+
+import torch
+
+from qpass.formats import FormatSpec, fake_quantize, resolve_format
+from qpass.formats.delayed import DelayedScaling
+from qpass.formats.rounding import check_rounding
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    format: str
+    granularity: str | tuple[str, int] | None = None  # fp8/fp6/fp4 absmax formats only
+    scale_mode: str | None = None  # MX formats only
+    rounding: str = "rne"
+    pow2: bool | None = None  # absmax formats only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.granularity, list):  # JSON has no tuples
+            object.__setattr__(self, "granularity", tuple(self.granularity))
+        self.spec  # noqa: B018 -- validates the options now, with the formats library's messages
+        check_rounding(self.rounding)
+
+    @functools.cached_property
+    def spec(self) -> FormatSpec:
+        return resolve_format(self.format, self.granularity, self.scale_mode, self.pow2)
+
+    @property
+    def per_tensor(self) -> bool:
+        """One scale for the whole tensor: the result does not depend on the quantization axis."""
+        return self.spec.scaling == "absmax" and self.spec.granularity == "tensor"
+
+    def __call__(self, x: torch.Tensor, axis: int, delayed: DelayedScaling | None = None) -> torch.Tensor:
+        return fake_quantize(
+            x,
+            self.format,
+            axis,
+            scale_mode=self.scale_mode,
+            rounding=self.rounding,
+            granularity=self.granularity,
+            pow2=self.pow2,
+            delayed=delayed,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(astuple(self))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def from_json(text: str) -> Quantizer:
+        return Quantizer(*json.loads(text))
+
+    def __str__(self) -> str:
+        spec = self.spec
+        options = []
+        if spec.scaling == "absmax":
+            if spec.granularity != "tensor":
+                options.append(spec.granularity if spec.block_size is None else f"block{spec.block_size}")
+            options += ["pow2"] if spec.pow2 else []
+        if spec.scaling == "mx" and spec.scale_mode != "floor":
+            options.append(spec.scale_mode)
+        if self.rounding != "rne":
+            options.append(self.rounding)
+        return f"{spec.name}({', '.join(options)})" if options else spec.name
+
+
+def as_quantizer(value) -> Quantizer | None:
+    """A :class:`Quantizer` from a Quantizer, a format name, a dict of its fields, or None."""
+    if value is None or isinstance(value, Quantizer):
+        return value
+    if isinstance(value, str):
+        return Quantizer(value)
+    if isinstance(value, dict):
+        return Quantizer(**value)
+    raise TypeError(
+        f"expected a qpass.Quantizer, a format name, a dict of Quantizer fields or None, got {value!r}"
+    )

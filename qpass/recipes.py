@@ -1,0 +1,195 @@
+"""Recipes: which quantizer each operand role of each GEMM gets (SPEC sections 6 and 8).
+
+A linear layer's training step runs three GEMMs, each with two operand roles:
+
+    fprop  Y  = Q(X)  · Q(W)ᵀ        roles input, weight
+    dgrad  dX = Q(dY) · Q(W)         roles grad_output, weight
+    wgrad  dW = Q(dY)ᵀ · Q(X)        roles grad_output, input
+
+A :class:`Recipe` names a quantizer per role (``input``, ``weight``, ``grad_output``, the same in
+every GEMM that role appears in) and may change single GEMM roles through ``per_gemm`` (keys such
+as ``"wgrad.input"``). A recipe that quantizes nothing in backward is an inference recipe: its
+sites get plain quantize-dequantize nodes and a straight-through backward.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields, replace
+
+from qpass.quantizer import Quantizer, as_quantizer
+
+GEMM_ROLES: dict[str, tuple[str, str]] = {
+    "fprop": ("input", "weight"),
+    "dgrad": ("grad_output", "weight"),
+    "wgrad": ("grad_output", "input"),
+}
+ROLES = ("input", "weight", "grad_output")
+GEMM_ROLE_KEYS = tuple(f"{gemm}.{role}" for gemm, roles in GEMM_ROLES.items() for role in roles)
+SCALINGS = ("current", "delayed")
+# Known to the SPEC, built by the rotation/OCS issue: rejected with a clear message until then.
+PENDING_OVERRIDES = ("hadamard", "ocs")
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    input: Quantizer | None = None
+    weight: Quantizer | None = None
+    grad_output: Quantizer | None = None
+    per_gemm: dict[str, Quantizer | None] = field(default_factory=dict)  # e.g. {"wgrad.input": None}
+    scaling: str = "current"  # "delayed": per-tensor scales from an amax history (FP8-LM, TE)
+    history_len: int = 16
+    margin: int = 0
+    attention: bool = False  # quantize Q·Kᵀ and P·V with the input quantizer
+    exclude: list[str] = field(default_factory=list)  # globs over site names
+    rules: list[tuple[str, dict]] = field(default_factory=list)  # (glob, overrides), later rules win
+    description: str = ""
+    notes: str = ""  # shown by qpass.report: what the recipe asks for that is not applied yet
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            setattr(self, role, as_quantizer(getattr(self, role)))
+        unknown = set(self.per_gemm) - set(GEMM_ROLE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown per_gemm keys {sorted(unknown)}; expected some of {', '.join(GEMM_ROLE_KEYS)}")
+        self.per_gemm = {key: as_quantizer(value) for key, value in self.per_gemm.items()}
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {self.scaling!r}; expected one of {', '.join(SCALINGS)}")
+        if self.scaling == "delayed":
+            not_per_tensor = [str(q) for q in self.quantizers() if not q.per_tensor]
+            if not_per_tensor:
+                raise ValueError(
+                    f"scaling='delayed' needs per-tensor absmax quantizers (fp8_*/fp6_*/fp4_e2m1 with "
+                    f"granularity 'tensor'); recipe {self.name!r} has {', '.join(not_per_tensor)}"
+                )
+        if self.attention and self.input is None:
+            raise ValueError(f"attention=True quantizes Q, K, P and V with the input quantizer; recipe {self.name!r} has none")
+        for glob, overrides in self.rules:
+            if not isinstance(glob, str) or not isinstance(overrides, dict):
+                raise TypeError(f"a rule is (glob, {{override: value}}), got {(glob, overrides)!r}")
+            check_override_keys(overrides, RULE_KEYS, "rule")
+
+    def quantizer(self, gemm: str, role: str) -> Quantizer | None:
+        key = f"{gemm}.{role}"
+        if key in self.per_gemm:
+            return self.per_gemm[key]
+        if gemm != "fprop" and not self.quantizes_backward:
+            return None  # an inference recipe: backward is the straight-through estimator
+        return getattr(self, role)
+
+    def quantizers(self) -> list[Quantizer]:
+        found = (self.quantizer(gemm, role) for gemm, roles in GEMM_ROLES.items() for role in roles)
+        return [q for q in found if q is not None]
+
+    @property
+    def quantizes_backward(self) -> bool:
+        """Training recipes name a grad_output quantizer (or backward GEMM roles in ``per_gemm``)."""
+        backward = [q for key, q in self.per_gemm.items() if not key.startswith("fprop.")]
+        return self.grad_output is not None or any(backward)
+
+    def with_overrides(self, **overrides) -> Recipe:
+        """A copy with overrides applied (the keyword arguments of :func:`qpass.compile`)."""
+        check_override_keys(overrides, OVERRIDE_KEYS, "override")
+        recipe = copy.deepcopy(self)
+        rounding = overrides.pop("rounding", None)
+        scale_mode = overrides.pop("scale_mode", None)
+        per_gemm = {key: overrides.pop(key) for key in GEMM_ROLE_KEYS if key in overrides}
+        recipe = replace(recipe, per_gemm={**recipe.per_gemm, **per_gemm}, **overrides)
+        if rounding is not None:
+            recipe = _map_quantizers(recipe, lambda q: replace(q, rounding=rounding))
+        if scale_mode is not None:
+            if not any(q.spec.scaling == "mx" for q in recipe.quantizers()):
+                raise ValueError(f"scale_mode= applies to MX formats; recipe {recipe.name!r} has none")
+            recipe = _map_quantizers(recipe, lambda q: replace(q, scale_mode=scale_mode) if q.spec.scaling == "mx" else q)
+        return recipe
+
+
+def _map_quantizers(recipe: Recipe, change) -> Recipe:
+    roles = {role: change(q) for role in ROLES if (q := getattr(recipe, role)) is not None}
+    per_gemm = {key: q if q is None else change(q) for key, q in recipe.per_gemm.items()}
+    return replace(recipe, per_gemm=per_gemm, **roles)
+
+
+_FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("name", "per_gemm", "description", "notes"))
+OVERRIDE_KEYS = (*_FIELDS, *GEMM_ROLE_KEYS, "rounding", "scale_mode", *PENDING_OVERRIDES)
+RULE_KEYS = (*ROLES, *GEMM_ROLE_KEYS, "rounding", "scale_mode", "exclude")
+
+
+def check_override_keys(overrides: dict, valid: tuple[str, ...], what: str) -> None:
+    unknown = [key for key in overrides if key not in valid]
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
+    for key in PENDING_OVERRIDES:
+        if overrides.get(key) is not None:
+            raise NotImplementedError(
+                f"{key}= is part of the recipe contract but the rotation/outlier-splitting passes are not "
+                f"built yet; compile without {key}= for now"
+            )
+
+
+def _all(quantizer: Quantizer) -> dict[str, Quantizer]:
+    return {"input": quantizer, "weight": quantizer, "grad_output": quantizer}
+
+
+_E4M3, _E5M2 = Quantizer("fp8_e4m3"), Quantizer("fp8_e5m2")
+_PER_CHANNEL_E4M3 = Quantizer("fp8_e4m3", granularity="channel")
+
+BUILTIN_RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            "fp8-train", input=_E4M3, weight=_E4M3, grad_output=_E5M2,
+            description="E4M3 input/weight, E5M2 grad_output, per-tensor scales (FP8-LM, TE HYBRID)",
+        ),
+        Recipe(
+            "mxfp8-train", **_all(Quantizer("mxfp8_e4m3", scale_mode="rceil")),
+            description="MXFP8 E4M3 for every operand of every GEMM, rceil scales (arXiv 2506.08027)",
+        ),
+        Recipe(
+            "mxfp6-train", **_all(Quantizer("mxfp6_e3m2")),
+            description="MXFP6 E3M2 for every operand of every GEMM (MX paper)",
+        ),
+        Recipe(
+            "fp8-infer", input=_PER_CHANNEL_E4M3, weight=_PER_CHANNEL_E4M3,
+            description="E4M3 weight per output channel, input per token (dynamic)",
+        ),
+        Recipe(
+            "mxfp8-infer", input=Quantizer("mxfp8_e4m3"), weight=Quantizer("mxfp8_e4m3"),
+            description="MXFP8 E4M3 weight and input",
+        ),
+        Recipe(
+            # E2M3 rather than E3M2: inference has no gradients' range to cover, so the extra
+            # mantissa bit is worth more than the exponent bit (the MX paper's direct-cast choice).
+            "mxfp6-infer", input=Quantizer("mxfp6_e2m3"), weight=Quantizer("mxfp6_e2m3"),
+            description="MXFP6 E2M3 weight and input",
+        ),
+        Recipe(
+            "mxfp4-infer", input=Quantizer("mxfp4"), weight=Quantizer("mxfp4"),
+            description="MXFP4 weight and input",
+            notes="the recipe's 32-point block Hadamard rotation is not applied yet: the rotation pass is not built",
+        ),
+        Recipe(
+            "nvfp4-infer", input=Quantizer("nvfp4"), weight=Quantizer("nvfp4"),
+            description="NVFP4 weight and input (E4M3 scales per 16, fp32 per tensor)",
+        ),
+        Recipe(
+            "mxfp4-weight-only", weight=Quantizer("mxfp4"),
+            description="MXFP4 weights, high-precision inputs (the memory-bound decode path)",
+        ),
+    )
+}
+
+
+def recipes() -> list[str]:
+    """Names of the built-in recipes."""
+    return list(BUILTIN_RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """A copy of a built-in recipe, to edit or pass to :func:`qpass.compile`."""
+    if isinstance(name, Recipe):
+        return copy.deepcopy(name)
+    if name not in BUILTIN_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(BUILTIN_RECIPES)}")
+    return copy.deepcopy(BUILTIN_RECIPES[name])

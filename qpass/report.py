@@ -1,0 +1,89 @@
+"""``qpass.report``: every site of a compiled model, what it is, how it is quantized or why not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qpass.passes.plan import SitePlan
+from qpass.state import QpassState
+
+
+@dataclass
+class Report:
+    recipe: str
+    rows: list[dict] = field(default_factory=list)  # one per site, in the order sites were found
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[dict]:
+        return [row for row in self.rows if row["quantized"]]
+
+    @property
+    def excluded(self) -> list[dict]:
+        return [row for row in self.rows if not row["quantized"]]
+
+    def __getitem__(self, site: str) -> dict:
+        for row in self.rows:
+            if row["site"] == site:
+                return row
+        raise KeyError(f"no site {site!r}; sites: {', '.join(r['site'] for r in self.rows)}")
+
+    def __str__(self) -> str:
+        header = ("site", "kind", "K", "quantization")
+        lines = [(r["site"], r["kind"], "" if r["K"] is None else str(r["K"]), _describe(r)) for r in self.rows]
+        widths = [max(len(line[i]) for line in [header, *lines]) for i in range(3)]
+        table = [
+            f"qpass report: recipe {self.recipe}, {len(self.quantized)} of {len(self.rows)} sites quantized",
+            *(f"note: {note}" for note in self.notes),
+            "  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0])).rstrip(),
+        ]
+        table += ["  ".join(c.ljust(w) for c, w in zip(line, [*widths, 0])).rstrip() for line in lines]
+        return "\n".join(table)
+
+
+def _describe(row: dict) -> str:
+    """``role=format`` per operand role; ``gemm.role=format`` only where the GEMMs of a role differ."""
+    if not row["quantized"]:
+        return f"excluded: {row['reason']}"
+    by_role: dict[str, dict[str, str]] = {}
+    for key, fmt in row["formats"].items():
+        *product, gemm, role = key.split(".")
+        by_role.setdefault(".".join([*product, role]), {})[gemm] = fmt
+    parts = []
+    for role, per_gemm in by_role.items():
+        if len(set(per_gemm.values())) == 1:
+            parts.append(f"{role}={next(iter(per_gemm.values()))}")
+        else:
+            parts += [f"{gemm}.{role}={fmt}" for gemm, fmt in per_gemm.items()]
+    return " ".join(parts)
+
+
+def _row(plan: SitePlan) -> dict:
+    site = plan.site
+    formats: dict[str, str] = {}
+    prefixes = ("qk.", "pv.") if site.kind == "sdpa" else ("",)
+    for product, prefix in zip(plan.products, prefixes):
+        formats.update({prefix + key: value for key, value in product.formats().items()})
+    return {
+        "site": plan.name,
+        "kind": site.kind,
+        "module": site.module,
+        "K": site.reduction,
+        "roles": site.roles,
+        "quantized": plan.excluded is None,
+        "formats": formats,
+        "reason": plan.excluded,
+    }
+
+
+def report(model: nn.Module) -> Report:
+    """The per-site table of a model compiled by :func:`qpass.compile` (print it, or read ``.rows``)."""
+    state = getattr(model, "_qpass", None)
+    if not isinstance(state, QpassState):
+        raise ValueError("qpass.report takes a model compiled by qpass.compile")
+    notes = [state.recipe.notes] if state.recipe.notes else []
+    if not state.graphs_captured:
+        notes.append("no graph captured yet: sites are found when the model first runs")
+    return Report(state.recipe.name, [_row(plan) for plan in state.plans.values()], notes)

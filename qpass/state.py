@@ -1,0 +1,100 @@
+"""The state qpass keeps on a compiled model: its recipe, the sites found, delayed-scaling histories.
+
+It is attached to the model as the submodule ``_qpass``, so the amax histories of delayed scaling
+are buffers that move with ``.to()`` and appear in ``state_dict`` (as
+``_qpass.<site>.<operand>.amax_history``). Sites, and so their states, are only known once a
+graph is captured; a ``state_dict`` loaded before that is kept and applied as each state is made.
+
+The custom ops find a state by a string key (ops take no module arguments); the keys live in a
+weak registry, so a deleted model takes its states with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from qpass.formats import DelayedScaling
+
+_DELAYED_STATES: weakref.WeakValueDictionary[str, DelayedScaling] = weakref.WeakValueDictionary()
+_HOLDER_IDS = itertools.count()
+
+
+def delayed_state(key: str) -> DelayedScaling | None:
+    """The delayed-scaling state registered under ``key`` ("" for none)."""
+    if not key:
+        return None
+    state = _DELAYED_STATES.get(key)
+    if state is None:
+        raise RuntimeError(f"qpass delayed-scaling state {key!r} no longer exists (was its model deleted?)")
+    return state
+
+
+class _Namespace(nn.Module):
+    """An inner node of the state tree: holds no tensors of its own, so it loads nothing itself."""
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        pass
+
+
+class QpassState(_Namespace):
+    def __init__(self, recipe, backend: str):
+        super().__init__()
+        self.recipe = recipe
+        self.backend = backend
+        self.plans: dict = {}  # site name -> SitePlan, across every captured graph
+        self.matched_globs: set[str] = set()  # rule and exclude globs that matched a site
+        self.graphs_captured = 0
+        self.checked = False  # the first call's checks ran
+        self._id = next(_HOLDER_IDS)
+        self._pending: dict[str, torch.Tensor] = {}  # loaded before the state they belong to exists
+
+    def record(self, plans) -> None:
+        """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
+        self.graphs_captured += 1
+        self.plans.update((plan.name, plan) for plan in plans)
+
+    def check_first_call(self) -> None:
+        """After the first call every graph of the model is captured: say what did not apply."""
+        self.checked = True
+        if not self.plans:
+            warnings.warn(
+                "qpass found no matmul or attention in this model: it runs unquantized", stacklevel=3
+            )
+        globs = [glob for glob, _ in self.recipe.rules] + list(self.recipe.exclude)
+        for glob in globs:
+            if glob not in self.matched_globs:
+                warnings.warn(f"qpass: the glob {glob!r} matches no site (qpass.report lists them)", stacklevel=3)
+
+    def delayed_scaling(self, site: str, operand: str) -> str:
+        """The key of the delayed-scaling state of ``operand`` at ``site``, made on first use."""
+        path = f"{site}.{operand}"
+        key = f"{self._id}/{path}"
+        if key in _DELAYED_STATES:
+            return key
+        *parents, leaf = path.split(".")
+        node = self
+        for name in parents:
+            if name not in node._modules:
+                node.add_module(name, _Namespace())
+            node = node._modules[name]
+        state = DelayedScaling(self.recipe.history_len, self.recipe.margin)
+        pending = {k[len(path) + 1 :]: self._pending.pop(k) for k in list(self._pending) if k.startswith(path + ".")}
+        if pending:
+            state.load_state_dict(pending)
+        device = next((b.device for b in self.buffers()), None)
+        node.add_module(leaf, state.to(device) if device is not None else state)
+        _DELAYED_STATES[key] = state
+        return key
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # States that exist load themselves (their modules are visited after this one); keep the
+        # rest until the graph that makes their state is captured.
+        existing = set(self.state_dict().keys())
+        for key, value in state_dict.items():
+            if key.startswith(prefix) and key[len(prefix) :] not in existing:
+                self._pending[key[len(prefix) :]] = value.detach().clone()
