@@ -13,6 +13,8 @@ exported program's graph, re-exported so that the result holds only ATen and qpa
 from __future__ import annotations
 
 import contextlib
+import itertools
+import types
 import warnings
 
 import torch
@@ -84,19 +86,35 @@ def compile(
     recipe = get_recipe(recipe).with_overrides(**overrides)
     if isinstance(getattr(model, "_qpass", None), QpassState):
         warnings.warn("this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
-        del model._qpass
+        model._qpass.detach_from(model)
     state = QpassState(recipe, backend)
-    model._qpass = state
-    compiled = torch.compile(model._call_impl, backend=_Backend(state), dynamic=dynamic, fullgraph=fullgraph)
+    state.attach(model)
+    compiled = torch.compile(_own_code(_call_module), backend=_Backend(state), dynamic=dynamic, fullgraph=fullgraph)
 
     def call(*args, **kwargs):
-        out = compiled(*args, **kwargs)
+        out = compiled(model, *args, **kwargs)
         if not state.checked:
             state.check_first_call()
         return out
 
     model._compiled_call_impl = call
     return model
+
+
+def _call_module(module: nn.Module, *args, **kwargs):
+    # The frame Dynamo starts from. It is qpass code, not torch.nn's: Dynamo does not start tracing
+    # in torch.nn files, so compiling nn.Linear's own _call_impl would silently run it eagerly.
+    return module._call_impl(*args, **kwargs)
+
+
+_COMPILED = itertools.count()
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own. Dynamo caches graphs per code object, with a limit of
+    8 per code object: one shared code object would make the 9th compiled model run eagerly."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COMPILED)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name)
 
 
 @contextlib.contextmanager

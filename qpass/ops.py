@@ -30,7 +30,7 @@ from qpass.state import delayed_state
 def _quantize(quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "") -> Tensor:
     """fp32 fake-quantized ``x`` (``x`` itself in fp32 when the role stays in high precision)."""
     x = x.detach().float()
-    return x if quantizer is None else quantizer(x, axis, delayed_state(state))
+    return x if quantizer is None else quantizer(x, axis, delayed_state(state, x.device))
 
 
 # ---- quantize-dequantize -------------------------------------------------------------------------
@@ -39,12 +39,14 @@ def _quantize(quantizer: Quantizer | None, x: Tensor, axis: int, state: str = ""
 @torch.library.custom_op("qpass::quantize_dequantize", mutates_args=())
 def quantize_dequantize(x: Tensor, quantizer: str, axis: int, state: str = "") -> Tensor:
     """``fake_quantize(x)`` with the quantizer given as JSON; ``state`` names a delayed-scaling state."""
-    return _quantize(Quantizer.from_json(quantizer), x, axis, state).to(x.dtype)
+    return _quantize(Quantizer.from_json(quantizer), x, axis, state).to(x.dtype).contiguous()
 
 
+# Outputs are contiguous whatever the inputs' strides (operands are often transposed views): the
+# fake implementations must promise exactly that, or Inductor's stride asserts fail.
 @quantize_dequantize.register_fake
 def _(x, quantizer, axis, state=""):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _straight_through(ctx, grad):
@@ -147,19 +149,19 @@ def quantized_matmul_backward(
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
         dy = shared if shared is not None else _quantize(q.da_grad, grad, -1)
-        grad_a = (dy @ _quantize(q.da_b, b, -1).mT).sum_to_size(a.shape).to(a.dtype)
+        grad_a = (dy @ _quantize(q.da_b, b, -1).mT).sum_to_size(a.shape).to(a.dtype).contiguous()
     if need_b:
         if b.ndim == 2:
             a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
             shared = shared if shared is None else shared.reshape(grad.shape)
         dy = shared if shared is not None else _quantize(q.db_grad, grad, -2)
-        grad_b = (_quantize(q.db_a, a, -2).mT @ dy).sum_to_size(b.shape).to(b.dtype)
+        grad_b = (_quantize(q.db_a, a, -2).mT @ dy).sum_to_size(b.shape).to(b.dtype).contiguous()
     return grad_a, grad_b
 
 
 @quantized_matmul_backward.register_fake
 def _(grad, a, b, quantizers, need_a, need_b):
-    return (torch.empty_like(a) if need_a else grad.new_empty(0)), (torch.empty_like(b) if need_b else grad.new_empty(0))
+    return (a.new_empty(a.shape) if need_a else grad.new_empty(0)), (b.new_empty(b.shape) if need_b else grad.new_empty(0))
 
 
 def _save_operands(ctx, inputs, output):

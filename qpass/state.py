@@ -1,16 +1,20 @@
 """The state qpass keeps on a compiled model: its recipe, the sites found, delayed-scaling histories.
 
-It is attached to the model as the submodule ``_qpass``, so the amax histories of delayed scaling
-are buffers that move with ``.to()`` and appear in ``state_dict`` (as
-``_qpass.<site>.<operand>.amax_history``). Sites, and so their states, are only known once a
-graph is captured; a ``state_dict`` loaded before that is kept and applied as each state is made.
+It hangs off the model as the attribute ``_qpass`` but is not registered as a submodule (an
+``nn.Sequential`` would call it as a layer, ``len()`` and indexing would change). Instead, hooks
+put the amax histories of delayed scaling into the model's ``state_dict`` (as
+``_qpass.<site>.<operand>.amax_history``) and take them back out on load. Sites, and so their
+states, are only known once a graph is captured; a ``state_dict`` loaded before that is kept and
+applied as each state is made.
 
 The custom ops find a state by a string key (ops take no module arguments); the keys live in a
-weak registry, so a deleted model takes its states with it.
+weak registry, so a deleted model takes its states with it. A state moves to the device of the
+tensor it scales when first used there.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 import weakref
@@ -24,13 +28,18 @@ _DELAYED_STATES: weakref.WeakValueDictionary[str, DelayedScaling] = weakref.Weak
 _HOLDER_IDS = itertools.count()
 
 
-def delayed_state(key: str) -> DelayedScaling | None:
-    """The delayed-scaling state registered under ``key`` ("" for none)."""
+STATE_PREFIX = "_qpass."
+
+
+def delayed_state(key: str, device: torch.device) -> DelayedScaling | None:
+    """The delayed-scaling state registered under ``key`` ("" for none), on ``device``."""
     if not key:
         return None
     state = _DELAYED_STATES.get(key)
     if state is None:
         raise RuntimeError(f"qpass delayed-scaling state {key!r} no longer exists (was its model deleted?)")
+    if state.amax_history.device != device:
+        state.to(device)
     return state
 
 
@@ -52,6 +61,30 @@ class QpassState(_Namespace):
         self.checked = False  # the first call's checks ran
         self._id = next(_HOLDER_IDS)
         self._pending: dict[str, torch.Tensor] = {}  # loaded before the state they belong to exists
+
+    def attach(self, model: nn.Module) -> None:
+        """Hang this state off ``model`` (unregistered) and join its state_dict save and load."""
+        object.__setattr__(model, "_qpass", self)
+        # partial, not a bound method: torch marks each hook with an attribute.
+        self._hooks = [
+            model.register_state_dict_post_hook(functools.partial(QpassState._save_hook, self)),
+            model.register_load_state_dict_pre_hook(functools.partial(QpassState._load_hook, self)),
+        ]
+
+    def detach_from(self, model: nn.Module) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        del model.__dict__["_qpass"]
+
+    def _save_hook(self, model, state_dict, prefix, local_metadata) -> None:
+        for key, value in self.state_dict().items():
+            state_dict[prefix + STATE_PREFIX + key] = value
+
+    def _load_hook(self, model, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        ours = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + STATE_PREFIX)}
+        own = {k[len(prefix + STATE_PREFIX) :]: v for k, v in ours.items()}
+        result = self.load_state_dict(own, strict=strict)
+        missing_keys += [prefix + STATE_PREFIX + k for k in result.missing_keys]
 
     def record(self, plans) -> None:
         """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
@@ -86,8 +119,7 @@ class QpassState(_Namespace):
         pending = {k[len(path) + 1 :]: self._pending.pop(k) for k in list(self._pending) if k.startswith(path + ".")}
         if pending:
             state.load_state_dict(pending)
-        device = next((b.device for b in self.buffers()), None)
-        node.add_module(leaf, state.to(device) if device is not None else state)
+        node.add_module(leaf, state)
         _DELAYED_STATES[key] = state
         return key
 

@@ -1,0 +1,107 @@
+"""The custom ops against SPEC section 6 written by hand: forward and both backward GEMMs, bit for bit."""
+
+import pytest
+import torch
+from spec6 import Spec6Product, assert_same
+
+from qpass import Quantizer
+from qpass.ops import MatmulQuantizers
+
+FIELDS = ("a", "b", "da_grad", "da_b", "db_grad", "db_a")
+MX8 = {"format": "mxfp8_e4m3", "scale_mode": "rceil"}
+# Every operand of every GEMM with its own format, so a wrong axis or role cannot hide.
+MIXED = dict(zip(FIELDS, (
+    {"format": "mxfp4"}, {"format": "nvfp4"}, {"format": "fp8_e5m2", "granularity": ("block", 16)},
+    {"format": "mxfp6_e2m3", "scale_mode": "even"}, {"format": "mxint8"},
+    {"format": "fp8_e4m3", "granularity": "channel"},
+)))
+CASES = {
+    "mxfp8": dict.fromkeys(FIELDS, MX8),
+    "mixed": MIXED,
+    "fp8-per-tensor": {**dict.fromkeys(("a", "b", "da_b", "db_a"), {"format": "fp8_e4m3"}),
+                       "da_grad": {"format": "fp8_e5m2"}, "db_grad": {"format": "fp8_e5m2"}},
+    "weight-only-backward-hp": {"a": None, "b": {"format": "mxfp4"}, "da_grad": None, "da_b": None,
+                                "db_grad": {"format": "fp8_e5m2"}, "db_a": None},
+}
+
+
+def op_config(specs) -> str:
+    return MatmulQuantizers(**{k: v and Quantizer(**v) for k, v in specs.items()}).to_json()
+
+
+def adversarial(*shape, seed):
+    """Gaussian with a zero block, a saturating outlier and tiny (fp32 subnormal) values."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    x[..., 0, :32] = 0.0
+    x[..., 1, 3] = 3e4
+    x[..., 2, 5:9] = 1e-40
+    return x
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("k", [64, 40])  # 40: the blocks of 32 (and 16) along K are padded
+def test_linear_product_matches_spec6(case, k):
+    specs = CASES[case]
+    a = adversarial(2, 5, k, seed=0).requires_grad_()
+    w = adversarial(24, k, seed=1).requires_grad_()
+    dy = adversarial(2, 5, 24, seed=2)
+    a_ref, w_ref = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+
+    y = torch.ops.qpass.quantized_matmul(a, w.mT, op_config(specs))
+    y.backward(dy)
+    y_ref = Spec6Product.apply(a_ref, w_ref.mT, specs)
+    y_ref.backward(dy)
+    assert_same(y, y_ref)
+    assert_same(a.grad, a_ref.grad)
+    assert_same(w.grad, w_ref.grad)
+
+
+def test_batched_product_matches_spec6():
+    specs = CASES["mixed"]
+    a = adversarial(3, 6, 48, seed=3).requires_grad_()
+    b = adversarial(3, 48, 40, seed=4).requires_grad_()
+    dy = adversarial(3, 6, 40, seed=5)
+    a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch.ops.qpass.quantized_matmul(a, b, op_config(specs)).backward(dy)
+    Spec6Product.apply(a_ref, b_ref, specs).backward(dy)
+    assert_same(a.grad, a_ref.grad)
+    assert_same(b.grad, b_ref.grad)
+
+
+def test_a_non_finite_value_makes_its_groups_nan():
+    a = torch.randn(4, 64)
+    a[1, 3] = float("inf")
+    y = torch.ops.qpass.quantized_matmul(a, torch.randn(64, 8), op_config(CASES["mxfp8"]))
+    assert y[1].isnan().all() and y[[0, 2, 3]].isfinite().all()
+
+
+def test_gradients_not_needed_are_not_computed():
+    a, w = torch.randn(4, 64), torch.randn(8, 64, requires_grad=True)
+    torch.ops.qpass.quantized_matmul(a, w.mT, op_config(CASES["mxfp8"])).sum().backward()
+    assert w.grad.shape == w.shape and a.grad is None
+    da, db = torch.ops.qpass.quantized_matmul_backward(torch.ones(4, 8), a, w.mT, op_config(CASES["mxfp8"]), False, True)
+    assert da.numel() == 0 and db.shape == (64, 8)
+
+
+def test_bf16_operands_accumulate_in_fp32():
+    a, w = torch.randn(4, 64), torch.randn(8, 64)
+    config = op_config(CASES["mxfp8"])
+    y16 = torch.ops.qpass.quantized_matmul(a.bfloat16(), w.bfloat16().mT, config)
+    # MX E4M3 values are exact in bf16, so the only difference is the output's rounding.
+    assert y16.dtype == torch.bfloat16
+    assert torch.equal(y16, torch.ops.qpass.quantized_matmul(a.bfloat16().float(), w.bfloat16().float().mT, config).bfloat16())
+
+
+def test_quantize_dequantize_is_fake_quantize_with_a_straight_through_gradient():
+    x = adversarial(3, 70, seed=6).requires_grad_()
+    y = torch.ops.qpass.quantize_dequantize(x, Quantizer("nvfp4").to_json(), -1, "")
+    assert_same(y, Quantizer("nvfp4")(x.detach(), -1))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+def test_delayed_state_must_be_used_once_per_step():
+    fp8 = Quantizer("fp8_e4m3")
+    with pytest.raises(ValueError, match="a_state"):
+        MatmulQuantizers(a=fp8, db_a=Quantizer("mxfp8_e4m3"), da_grad=fp8, a_state="x")
+    MatmulQuantizers(a=fp8, db_a=fp8, da_grad=fp8, a_state="x")  # quantized once: allowed
