@@ -30,8 +30,15 @@ class Quantizer:
     def __post_init__(self) -> None:
         if isinstance(self.granularity, list):  # JSON has no tuples
             object.__setattr__(self, "granularity", tuple(self.granularity))
-        self.spec  # noqa: B018 -- validates the options now, with the formats library's messages
+        spec = self.spec  # validates the options now, with the formats library's messages
         check_rounding(self.rounding)
+        # Spell out the defaults, so that equal quantizations compare (and serialize) equal.
+        if spec.scaling == "absmax":
+            granularity = spec.granularity if spec.block_size is None else ("block", spec.block_size)
+            object.__setattr__(self, "granularity", granularity)
+            object.__setattr__(self, "pow2", spec.pow2)
+        elif spec.scaling == "mx":
+            object.__setattr__(self, "scale_mode", spec.scale_mode)
 
     @functools.cached_property
     def spec(self) -> FormatSpec:
@@ -43,16 +50,7 @@ class Quantizer:
         return self.spec.scaling == "absmax" and self.spec.granularity == "tensor"
 
     def __call__(self, x: torch.Tensor, axis: int, delayed: DelayedScaling | None = None) -> torch.Tensor:
-        return fake_quantize(
-            x,
-            self.format,
-            axis,
-            scale_mode=self.scale_mode,
-            rounding=self.rounding,
-            granularity=self.granularity,
-            pow2=self.pow2,
-            delayed=delayed,
-        )
+        return fake_quantize(x, self.spec, axis, rounding=self.rounding, delayed=delayed)
 
     def to_json(self) -> str:
         return json.dumps(astuple(self))

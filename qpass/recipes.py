@@ -65,10 +65,13 @@ class Recipe:
                 )
         if self.attention and self.input is None:
             raise ValueError(f"attention=True quantizes Q, K, P and V with the input quantizer; recipe {self.name!r} has none")
-        for glob, overrides in self.rules:
-            if not isinstance(glob, str) or not isinstance(overrides, dict):
-                raise TypeError(f"a rule is (glob, {{override: value}}), got {(glob, overrides)!r}")
-            check_override_keys(overrides, RULE_KEYS, "rule")
+        for rule in self.rules:
+            if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str) and isinstance(rule[1], dict)):
+                raise TypeError(f"a rule is (glob, {{override: value}}), got {rule!r}")
+            check_override_keys(rule[1], RULE_KEYS, "rule")
+            # A rule's values are checked now, not when a site it matches is first traced.
+            changes = {key: value for key, value in rule[1].items() if key != "exclude"}
+            replace(self, rules=[]).with_overrides(**changes)
 
     def quantizer(self, gemm: str, role: str) -> Quantizer | None:
         key = f"{gemm}.{role}"

@@ -103,8 +103,9 @@ class QpassState(_Namespace):
             if glob not in self.matched_globs:
                 warnings.warn(f"qpass: the glob {glob!r} matches no site (qpass.report lists them)", stacklevel=3)
 
-    def delayed_scaling(self, site: str, operand: str) -> str:
-        """The key of the delayed-scaling state of ``operand`` at ``site``, made on first use."""
+    def delayed_scaling(self, site: str, operand: str, quantizer) -> str:
+        """The key of the delayed-scaling state of ``operand`` at ``site``, made on first use
+        (with the quantizer's power-of-two option: under delayed scaling the state owns it)."""
         path = f"{site}.{operand}"
         key = f"{self._id}/{path}"
         if key in _DELAYED_STATES:
@@ -115,7 +116,7 @@ class QpassState(_Namespace):
             if name not in node._modules:
                 node.add_module(name, _Namespace())
             node = node._modules[name]
-        state = DelayedScaling(self.recipe.history_len, self.recipe.margin)
+        state = DelayedScaling(self.recipe.history_len, self.recipe.margin, pow2=quantizer.pow2)
         pending = {k[len(path) + 1 :]: self._pending.pop(k) for k in list(self._pending) if k.startswith(path + ".")}
         if pending:
             state.load_state_dict(pending)

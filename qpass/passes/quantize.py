@@ -16,11 +16,12 @@ from qpass import quantized
 from qpass.ops import MatmulQuantizers
 from qpass.passes.plan import ProductPlan, SitePlan
 from qpass.passes.sites import matmul_operands
+from qpass.quantizer import Quantizer
 
 SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
-NewState = Callable[[str, str], str]  # (site name, operand) -> delayed-scaling state key
+NewState = Callable[[str, str, Quantizer], str]  # (site name, operand, its quantizer) -> state key
 
 
 def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict) -> list:
@@ -38,9 +39,9 @@ def _with_states(product: ProductPlan, site: str, prefix: str, new_state: NewSta
     inference = not q.quantizes_backward
     return replace(
         q,
-        a_state=new_state(site, prefix + a) if q.a and (q.hoists_a or inference) else "",
-        b_state=new_state(site, prefix + b) if q.b and (q.hoists_b or inference) else "",
-        grad_state=new_state(site, prefix + "grad_output") if q.shares_grad else "",
+        a_state=new_state(site, prefix + a, q.a) if q.a and (q.hoists_a or inference) else "",
+        b_state=new_state(site, prefix + b, q.b) if q.b and (q.hoists_b or inference) else "",
+        grad_state=new_state(site, prefix + "grad_output", q.da_grad) if q.shares_grad else "",
     )
 
 

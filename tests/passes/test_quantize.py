@@ -6,6 +6,7 @@ from graphs import capture, count_calls
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import qpass
 from qpass import get_recipe, quantized
 from qpass.passes import quantize_graph
 
@@ -92,5 +93,11 @@ def test_delayed_scaling_gives_each_operand_a_state():
     made = []
     gm, parameters, example_inputs = capture(TwoLinears(), torch.randn(4, 64))
     recipe = get_recipe("fp8-train").with_overrides(scaling="delayed")
-    quantize_graph(gm, parameters, recipe, set(), new_state=lambda site, operand: made.append(f"{site}.{operand}") or "")
-    assert made == [f"{s}.{o}" for s in ("up", "down") for o in ("input", "weight", "grad_output")]
+    recipe = recipe.with_overrides(weight=qpass.Quantizer("fp8_e4m3", pow2=True))
+
+    def new_state(site, operand, quantizer):
+        made.append((f"{site}.{operand}", quantizer.pow2))
+        return ""
+
+    quantize_graph(gm, parameters, recipe, set(), new_state)
+    assert made == [(f"{s}.{o}", o == "weight") for s in ("up", "down") for o in ("input", "weight", "grad_output")]

@@ -1,0 +1,86 @@
+"""Recipes: the built-ins of SPEC section 8, overrides, and clear errors for bad ones."""
+
+import pytest
+
+import qpass
+from qpass import Quantizer, Recipe, get_recipe
+
+SPEC_RECIPES = ["fp8-train", "mxfp8-train", "mxfp6-train", "fp8-infer", "mxfp8-infer", "mxfp6-infer",
+                "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only"]
+
+
+def test_builtin_recipes_are_the_spec_ones():
+    assert qpass.recipes() == SPEC_RECIPES
+
+
+@pytest.mark.parametrize("name, roles", [
+    ("fp8-train", {"input": "fp8_e4m3", "weight": "fp8_e4m3", "grad_output": "fp8_e5m2"}),
+    ("mxfp8-train", dict.fromkeys(("input", "weight", "grad_output"), "mxfp8_e4m3(rceil)")),
+    ("mxfp6-train", dict.fromkeys(("input", "weight", "grad_output"), "mxfp6_e3m2")),
+    ("fp8-infer", {"input": "fp8_e4m3(channel)", "weight": "fp8_e4m3(channel)", "grad_output": "None"}),
+    ("nvfp4-infer", {"input": "nvfp4", "weight": "nvfp4", "grad_output": "None"}),
+    ("mxfp4-weight-only", {"input": "None", "weight": "mxfp4", "grad_output": "None"}),
+])
+def test_recipe_roles(name, roles):
+    recipe = get_recipe(name)
+    assert {role: str(getattr(recipe, role)) for role in roles} == roles
+    assert recipe.quantizes_backward == (roles["grad_output"] != "None")
+
+
+def test_inference_recipes_leave_the_backward_gemms_alone():
+    recipe = get_recipe("fp8-infer")
+    assert recipe.quantizer("dgrad", "weight") is None and recipe.quantizer("fprop", "weight") is not None
+
+
+def test_get_recipe_returns_a_copy_to_edit():
+    recipe = get_recipe("fp8-train")
+    recipe.exclude.append("lm_head")
+    assert get_recipe("fp8-train").exclude == []
+
+
+def test_overrides():
+    recipe = get_recipe("mxfp8-train").with_overrides(
+        rounding="stochastic", scale_mode="floor", attention=True, **{"wgrad.input": "mxfp4"}
+    )
+    assert recipe.input == Quantizer("mxfp8_e4m3", scale_mode="floor", rounding="stochastic")
+    assert recipe.quantizer("wgrad", "input") == Quantizer("mxfp4", rounding="stochastic")
+    assert recipe.quantizer("dgrad", "weight") == recipe.weight and recipe.attention
+
+
+def test_scale_mode_leaves_non_mx_quantizers_alone():
+    recipe = get_recipe("fp8-train").with_overrides(input="mxfp8_e4m3", scale_mode="even")
+    assert recipe.input.scale_mode == "even" and recipe.weight.scale_mode is None
+
+
+def test_delayed_scaling_settings():
+    recipe = get_recipe("fp8-train").with_overrides(scaling="delayed", history_len=32, margin=1)
+    assert (recipe.scaling, recipe.history_len, recipe.margin) == ("delayed", 32, 1)
+
+
+def test_a_custom_recipe():
+    recipe = Recipe("mine", input="mxfp6_e2m3", weight={"format": "mxfp4", "scale_mode": "rceil"},
+                    grad_output=Quantizer("fp8_e5m2", granularity="channel"))
+    assert recipe.weight == Quantizer("mxfp4", scale_mode="rceil") and recipe.quantizes_backward
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: get_recipe("fp4"), ValueError, "unknown recipe 'fp4'; expected one of fp8-train, mxfp8-train"),
+    (lambda: get_recipe("fp8-train").with_overrides(atention=True), ValueError, r"'atention'; valid keys: input"),
+    (lambda: get_recipe("fp8-train").with_overrides(hadamard="block32"), NotImplementedError, "hadamard="),
+    (lambda: get_recipe("fp8-train").with_overrides(ocs=0.02), NotImplementedError, "ocs="),
+    (lambda: get_recipe("mxfp8-train").with_overrides(scaling="delayed"), ValueError, "per-tensor absmax"),
+    (lambda: get_recipe("fp8-train").with_overrides(scaling="lazy"), ValueError, "current, delayed"),
+    (lambda: get_recipe("fp8-train").with_overrides(scale_mode="rceil"), ValueError, "MX formats"),
+    (lambda: get_recipe("fp8-train").with_overrides(input="fp7"), ValueError, "unknown format 'fp7'"),
+    (lambda: get_recipe("mxfp4-weight-only").with_overrides(attention=True), ValueError, "has none"),
+    (lambda: get_recipe("fp8-train").with_overrides(rules=[("x", {"bogus": 1})]), ValueError, "rule key"),
+    (lambda: get_recipe("fp8-train").with_overrides(rules=["x"]), TypeError, "a rule is"),
+    (lambda: get_recipe("fp8-train").with_overrides(scaling="delayed", rules=[("x", {"input": "mxfp4"})]),
+     ValueError, "per-tensor absmax"),
+    (lambda: Recipe(per_gemm={"fprop.grad": None}), ValueError, "unknown per_gemm keys"),
+    (lambda: Quantizer("mxfp4", granularity="channel"), ValueError, "fixes its own scaling"),
+    (lambda: Quantizer("fp8_e4m3", rounding="down"), ValueError, "rounding"),
+])
+def test_bad_recipes_are_named(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

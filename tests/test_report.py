@@ -1,0 +1,58 @@
+"""qpass.report: every site, its kind and K, its formats per role, or why it was excluded."""
+
+import torch
+from torch import nn
+
+import qpass
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.mlp = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.mlp(self.embed(ids)))
+
+
+def compiled(recipe="fp8-train", **overrides):
+    qm = qpass.compile(Tiny(), recipe, backend="aot_eager", **overrides)
+    qm(torch.randint(0, 50, (2, 8)))
+    return qm
+
+
+def test_rows_as_data():
+    report = qpass.report(compiled(rules=[("mlp", {"grad_output": "mxfp8_e5m2"})]))
+    assert [r["site"] for r in report.rows] == ["embed", "mlp", "head"]
+    assert [r["site"] for r in report.quantized] == ["mlp"]
+    mlp = report["mlp"]
+    assert (mlp["kind"], mlp["K"], mlp["roles"], mlp["reason"]) == ("linear", 64, ("input", "weight"), None)
+    assert mlp["formats"] == {
+        "fprop.input": "fp8_e4m3", "fprop.weight": "fp8_e4m3",
+        "dgrad.grad_output": "mxfp8_e5m2", "dgrad.weight": "fp8_e4m3",
+        "wgrad.grad_output": "mxfp8_e5m2", "wgrad.input": "fp8_e4m3",
+    }
+    assert report["head"]["reason"] == "final output projection (lm_head), excluded by default"
+
+
+def test_table():
+    text = str(qpass.report(compiled("mxfp4-infer")))
+    lines = text.splitlines()
+    assert lines[0] == "qpass report: recipe mxfp4-infer, 1 of 3 sites quantized"
+    assert lines[1].startswith("note: the recipe's 32-point block Hadamard rotation is not applied yet")
+    assert lines[2].split() == ["site", "kind", "K", "quantization"]
+    assert lines[4].split() == ["mlp", "linear", "64", "input=mxfp4", "weight=mxfp4"]
+    assert "excluded: final output projection (lm_head)" in lines[5]
+
+
+def test_gemms_that_differ_are_listed_apart():
+    text = str(qpass.report(compiled("fp8-train", **{"wgrad.input": "mxfp8_e4m3"})))
+    assert "fprop.input=fp8_e4m3 wgrad.input=mxfp8_e4m3 weight=fp8_e4m3 grad_output=fp8_e5m2" in text
+
+
+def test_before_the_first_call():
+    report = qpass.report(qpass.compile(Tiny(), "fp8-train", backend="aot_eager"))
+    assert report.rows == [] and "no graph captured yet" in report.notes[0]
