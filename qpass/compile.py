@@ -87,18 +87,28 @@ def compile(
     if isinstance(getattr(model, "_qpass", None), QpassState):
         warnings.warn("this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
         model._qpass.detach_from(model)
-    state = QpassState(recipe, backend)
+    state = QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph))
     state.attach(model)
-    compiled = torch.compile(_own_code(_call_module), backend=_Backend(state), dynamic=dynamic, fullgraph=fullgraph)
+    model._compiled_call_impl = compiled_call(model, state.options)
+    return model
+
+
+def compiled_call(model: nn.Module, options: dict):
+    """What the model's ``__call__`` runs (``nn.Module._compiled_call_impl``): its Dynamo-compiled
+    forward. The model's state is looked up at the first call (a copy's state is set up late)."""
+    compiled = None
 
     def call(*args, **kwargs):
+        nonlocal compiled
+        state = model.__dict__["_qpass"]
+        if compiled is None:
+            compiled = torch.compile(_own_code(_call_module), backend=_Backend(state), **options)
         out = compiled(model, *args, **kwargs)
         if not state.checked:
             state.check_first_call()
         return out
 
-    model._compiled_call_impl = call
-    return model
+    return call
 
 
 def _call_module(module: nn.Module, *args, **kwargs):
@@ -146,7 +156,7 @@ def export(
     if not isinstance(state, QpassState):
         if recipe is None:
             raise ValueError("qpass.export needs a model compiled by qpass.compile, or recipe=")
-        state = QpassState(get_recipe(recipe).with_overrides(**overrides), "eager")
+        state = QpassState(get_recipe(recipe).with_overrides(**overrides), "eager", {})
     elif recipe is not None or overrides:
         raise ValueError("this model was compiled by qpass.compile: its recipe is used; compile again to change it")
     with _uncompiled(model):

@@ -14,7 +14,7 @@ tensor it scales when first used there.
 
 from __future__ import annotations
 
-import functools
+import copy
 import itertools
 import warnings
 import weakref
@@ -51,10 +51,12 @@ class _Namespace(nn.Module):
 
 
 class QpassState(_Namespace):
-    def __init__(self, recipe, backend: str):
+    def __init__(self, recipe, backend: str, options: dict):
         super().__init__()
         self.recipe = recipe
         self.backend = backend
+        self.options = options  # torch.compile's (dynamic, fullgraph)
+        self._model = None  # weak reference to the model this state is attached to
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph
         self.matched_globs: set[str] = set()  # rule and exclude globs that matched a site
         self.graphs_captured = 0
@@ -65,10 +67,10 @@ class QpassState(_Namespace):
     def attach(self, model: nn.Module) -> None:
         """Hang this state off ``model`` (unregistered) and join its state_dict save and load."""
         object.__setattr__(model, "_qpass", self)
-        # partial, not a bound method: torch marks each hook with an attribute.
+        self._model = weakref.ref(model)
         self._hooks = [
-            model.register_state_dict_post_hook(functools.partial(QpassState._save_hook, self)),
-            model.register_load_state_dict_pre_hook(functools.partial(QpassState._load_hook, self)),
+            model.register_state_dict_post_hook(_save_states),
+            model.register_load_state_dict_pre_hook(_load_states),
         ]
 
     def detach_from(self, model: nn.Module) -> None:
@@ -76,15 +78,24 @@ class QpassState(_Namespace):
             hook.remove()
         del model.__dict__["_qpass"]
 
-    def _save_hook(self, model, state_dict, prefix, local_metadata) -> None:
-        for key, value in self.state_dict().items():
-            state_dict[prefix + STATE_PREFIX + key] = value
+    def __deepcopy__(self, memo) -> QpassState:
+        """A copy starts afresh (its graphs are captured again, with states of its own) and takes
+        this state's delayed-scaling histories with it, applied as the copy's sites are found.
 
-    def _load_hook(self, model, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        ours = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + STATE_PREFIX)}
-        own = {k[len(prefix + STATE_PREFIX) :]: v for k, v in ours.items()}
-        result = self.load_state_dict(own, strict=strict)
-        missing_keys += [prefix + STATE_PREFIX + k for k in result.missing_keys]
+        When the copy is part of a copy of the model, the model's copy is compiled too: torch drops
+        ``_compiled_call_impl`` from copies of modules, which would leave the copy unquantized.
+        """
+        from qpass.compile import compiled_call  # qpass.compile builds on this module
+
+        twin = QpassState(copy.deepcopy(self.recipe, memo), self.backend, dict(self.options))
+        twin._pending = {k: v.detach().clone() for k, v in {**self._pending, **self.state_dict()}.items()}
+        twin._hooks = self._hooks  # the model's copy has copies of the hooks, which find the twin
+        model_copy = memo.get(id(self._model())) if self._model is not None else None
+        if model_copy is not None:
+            twin._model = weakref.ref(model_copy)
+            # Its __dict__ is filled after this returns, by an update that keeps this entry.
+            model_copy.__dict__["_compiled_call_impl"] = compiled_call(model_copy, twin.options)
+        return twin
 
     def record(self, plans) -> None:
         """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
@@ -131,3 +142,17 @@ class QpassState(_Namespace):
         for key, value in state_dict.items():
             if key.startswith(prefix) and key[len(prefix) :] not in existing:
                 self._pending[key[len(prefix) :]] = value.detach().clone()
+
+
+# The hooks find the state on the module they are called for, so copies of a model (whose hook
+# tables are copied with it) save and load their own states.
+def _save_states(module, state_dict, prefix, local_metadata) -> None:
+    for key, value in module.__dict__["_qpass"].state_dict().items():
+        state_dict[prefix + STATE_PREFIX + key] = value
+
+
+def _load_states(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    ours = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + STATE_PREFIX)}
+    own = {k[len(prefix + STATE_PREFIX) :]: v for k, v in ours.items()}
+    result = module.__dict__["_qpass"].load_state_dict(own, strict=strict)
+    missing_keys += [prefix + STATE_PREFIX + k for k in result.missing_keys]

@@ -296,3 +296,20 @@ def test_recompiling_replaces_the_recipe_with_a_warning():
 def test_bad_input_is_named(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_a_deep_copy_is_quantized_too_with_its_own_state():
+    # torch drops _compiled_call_impl from copies of modules; qpass compiles the copy again.
+    torch.manual_seed(0)
+    qm = qpass.compile(nn.Sequential(nn.Linear(64, 64)), "fp8-train", backend="aot_eager", scaling="delayed")
+    x = torch.randn(2, 64)
+    qm(x)
+    twin = copy.deepcopy(qm)
+    assert twin._qpass is not qm._qpass
+    assert_same(twin(x), qm(x))
+    assert twin._qpass.graphs_captured == 1 and qpass.report(twin)["0"]["quantized"]
+    with torch.no_grad():
+        twin[0].weight.zero_()
+    assert torch.equal(twin(x), twin[0].bias.expand(2, 64)) and not torch.equal(qm(x), qm[0].bias.expand(2, 64))
+    history = "_qpass.0.input.amax_history"
+    assert torch.equal(twin.state_dict()[history], qm.state_dict()[history])  # both recorded x three times
