@@ -167,25 +167,24 @@ def _reduction(kind: str, node: fx.Node, operands: list) -> int | None:
 # ---- hand-written attention, routers, output projections ----------------------------------------
 
 
-def _upstream(node: fx.Node, found, through: tuple, depth: int = 6) -> fx.Node | None:
-    """The first node (breadth-first, within ``depth`` hops through ``through`` ops) that ``found`` accepts."""
-    frontier = [a for a in node.all_input_nodes]
+def _search(node: fx.Node, found, through: tuple, neighbours, depth: int) -> fx.Node | None:
+    """The first node that ``found`` accepts, breadth-first from ``node``'s neighbours (inputs or
+    users), going on only through ``through`` ops, within ``depth`` hops."""
+    frontier = list(neighbours(node))
     for _ in range(depth):
         for candidate in frontier:
             if found(candidate):
                 return candidate
-        frontier = [a for n in frontier if _is(n, through) for a in n.all_input_nodes]
+        frontier = [m for n in frontier if _is(n, through) for m in neighbours(n)]
     return None
+
+
+def _upstream(node: fx.Node, found, through: tuple, depth: int = 6) -> fx.Node | None:
+    return _search(node, found, through, lambda n: n.all_input_nodes, depth)
 
 
 def _downstream(node: fx.Node, found, through: tuple, depth: int = 4) -> fx.Node | None:
-    frontier = list(node.users)
-    for _ in range(depth):
-        for candidate in frontier:
-            if found(candidate):
-                return candidate
-        frontier = [u for n in frontier if _is(n, through) for u in n.users]
-    return None
+    return _search(node, found, through, lambda n: n.users, depth)
 
 
 def _derives_from(node, origin: fx.Node, through: tuple) -> bool:
