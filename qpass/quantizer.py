@@ -53,6 +53,10 @@ class Quantizer:
         return fake_quantize(x, self.spec, axis, rounding=self.rounding, delayed=delayed)
 
     def to_json(self) -> str:
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> str:  # graphs and ops ask for it at every site
         return json.dumps(astuple(self))
 
     @staticmethod

@@ -20,7 +20,9 @@ def normalize_axis(axis: int, ndim: int) -> int:
 
 def to_groups(x: torch.Tensor, axis: int, padded_length: int, group_size: int) -> torch.Tensor:
     """``x`` with ``axis`` moved last, zero-padded to ``padded_length``, as ``[..., G, group_size]``."""
-    last = x.movedim(axis, -1)
+    # Contiguous: amax and rounding over a strided view (a weight gradient's operands are quantized
+    # along axis -2) run 1.5-2x slower than over a copy.
+    last = x.movedim(axis, -1).contiguous()
     pad = padded_length - last.shape[-1]
     if pad:
         last = torch.cat((last, last.new_zeros(*last.shape[:-1], pad)), dim=-1)
