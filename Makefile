@@ -35,6 +35,7 @@ test: $(VENV)/.installed
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/formats_cpu.py
+	$(BENCH_VENV)/bin/python bench/compile_overhead.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .hypothesis
