@@ -241,13 +241,10 @@ def pass_section(layers: list[int], repeats: int) -> list[str]:
 class Trainer:
     """One compiled copy of the model, its optimizer, and the times of its steps."""
 
-    def __init__(self, name: str, base: nn.Module, recipe: str | None):
+    def __init__(self, name: str, base: nn.Module, prepare):
         self.name = name
         model = copy.deepcopy(base)  # qpass.compile works in place: each variant owns its model
-        if recipe is None:
-            self.model = torch.compile(model, backend="aot_eager")
-        else:
-            self.model = qpass.compile(model, recipe, backend="aot_eager")
+        self.model = prepare(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.cpu: list[float] = []
         self.wall: list[float] = []
@@ -273,7 +270,10 @@ def step_trainers(shape: LlamaShape, layers: int, warmup: int, steps: int) -> li
     base = shape.model(layers)
     tokens = shape.tokens()
     torch._dynamo.reset()
-    trainers = [Trainer("unquantized", base, None)] + [Trainer(r, base, r) for r in STEP_RECIPES]
+    trainers = [Trainer("unquantized", base, lambda m: torch.compile(m, backend="aot_eager"))]
+    trainers += [Trainer(r, base, lambda m, r=r: qpass.compile(m, r, backend="aot_eager")) for r in STEP_RECIPES]
+    if _has_torchao():
+        trainers.append(Trainer(f"torchao {torchao.__version__} float8 (tensorwise)", base, _torchao_float8))
     for trainer in trainers:
         for _ in range(warmup):  # the first step compiles (and makes AdamW's state)
             trainer.step(tokens)
@@ -281,6 +281,25 @@ def step_trainers(shape: LlamaShape, layers: int, warmup: int, steps: int) -> li
         for trainer in trainers:  # round-robin, so that a burst of outside load lands on every variant
             trainer.timed_step(tokens)
     return trainers
+
+
+def _has_torchao() -> bool:
+    global torchao
+    try:
+        import torchao
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torchao_float8(model: nn.Module) -> nn.Module:
+    """The peer of fp8-train: torchao's float8 training (E4M3 input and weight, E5M2 grad_output,
+    dynamic per-tensor scales) on the same linears qpass quantizes, i.e. all but lm_head."""
+    from torchao.float8 import convert_to_float8_training
+
+    convert_to_float8_training(model, module_filter_fn=lambda module, name: name != "lm_head")
+    return torch.compile(model, backend="aot_eager")
 
 
 def _step_row(trainer: Trainer, baseline: Trainer) -> str:
@@ -434,7 +453,9 @@ def main() -> None:
         f"Forward, backward and AdamW; median of {args.steps} steps per variant after {args.warmup} warm-up",
         "steps, the variants interleaved step by step. The fake quantization is qpass's eager reference",
         "numerics (a chain of unfused, memory-bound elementwise torch ops per operand), so the ratio",
-        "tends to rise when other jobs compete for memory bandwidth.",
+        "tends to rise when other jobs compete for memory bandwidth. The torchao row (present when",
+        "torchao is installed, as in `make bench`'s environment) is its float8 training, the peer of",
+        "fp8-train, on the same linears in the same run; on the CPU its GEMMs go through torch._scaled_mm.",
         "",
         *step,
         "",

@@ -140,7 +140,7 @@ def fake_quantize(
     with torch.no_grad():
         generator = make_generator(generator, x.device)
         values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
-        out = from_groups(values * scales.decode, axis, _axis_length(x.shape, axis))
+        out = from_groups(values.mul_(scales.decode), axis, _axis_length(x.shape, axis))
         out = out.reshape(x.shape).to(x.dtype)
     return _StraightThrough.apply(x, out) if x.requires_grad else out
 

@@ -55,14 +55,16 @@ def round_to_element(
     # The step and its reciprocal are built straight from x's exponent bits: 2^(E - 127 - mbits)
     # with E the biased fp32 exponent, clamped below at the subnormal binade and above so that
     # neither power of two leaves fp32's normal range (NaN/Inf stay NaN/Inf regardless).
-    exponent_bits = (x.view(torch.int32) & F32_EXP_MASK).clamp(
+    # Temporaries are updated in place (x never is): on the CPU each fresh full-size tensor costs
+    # page faults that take about as long as the arithmetic.
+    exponent_bits = (x.view(torch.int32) & F32_EXP_MASK).clamp_(
         (fmt.emin + F32_EXP_BIAS) << F32_MANTISSA_BITS, (F32_EXP_BIAS + 126) << F32_MANTISSA_BITS
     )
-    step = (exponent_bits - (fmt.mbits << F32_MANTISSA_BITS)).view(torch.float32)
     inverse_step = (((2 * F32_EXP_BIAS + fmt.mbits) << F32_MANTISSA_BITS) - exponent_bits).view(torch.float32)
-    scaled = x * inverse_step  # exact: a power-of-two scaling into integer units of the step
+    step = exponent_bits.sub_(fmt.mbits << F32_MANTISSA_BITS).view(torch.float32)
+    scaled = inverse_step.mul_(x)  # exact: a power-of-two scaling into integer units of the step
     if rounding == "rne":
-        integral = scaled.round()  # torch.round is round-half-to-even
+        integral = scaled.round_()  # torch.round is round-half-to-even
     elif rounding == "away":
         magnitude = scaled.abs()
         whole = magnitude.floor()
@@ -72,12 +74,12 @@ def round_to_element(
         fraction = (scaled - whole).double()  # exact in fp32; float64 keeps P(up) = fraction to 2^-53
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
         integral = whole + (u < fraction).to(x.dtype)
-    values = integral * step
+    values = step.mul_(integral)
     if rounding != "rne":  # "away" rounded magnitudes and floor loses -0: put the sign back
-        values = torch.copysign(values, x)
-    values = values.clamp(-fmt.max_normal, fmt.max_normal)
+        values = values.copysign_(x)
+    values = values.clamp_(-fmt.max_normal, fmt.max_normal)
     if fmt.is_int:
-        values = values + 0.0  # two's complement has no -0: -0 + 0 is +0
+        values = values.add_(0.0)  # two's complement has no -0: -0 + 0 is +0
     if fmt.has_inf:
         return torch.where(x.isinf(), x, values)
-    return torch.where(x.isinf(), torch.nan, values)
+    return values.masked_fill_(x.isinf(), torch.nan)
