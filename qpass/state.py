@@ -105,7 +105,13 @@ class QpassState(_Namespace):
     def check_first_call(self) -> None:
         """After the first call every graph of the model is captured: say what did not apply."""
         self.checked = True
-        if not self.plans:
+        if not self.graphs_captured:
+            warnings.warn(
+                "qpass captured no graph: Dynamo ran this model eagerly, so it is NOT quantized (often its "
+                "recompile limit, torch._dynamo.config.recompile_limit, used up by earlier compiled models "
+                "of the same class; torch._dynamo.reset() clears it)", stacklevel=3,
+            )
+        elif not self.plans:
             warnings.warn(
                 "qpass found no matmul or attention in this model: it runs unquantized", stacklevel=3
             )

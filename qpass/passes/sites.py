@@ -50,11 +50,11 @@ SCORE_OPS = (
     operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add,
     torch.where, torch.masked_fill, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten._to_copy.default,
-    "mul", "div", "add", "sub", "masked_fill", "masked_fill_", "to", "float", "type_as",
+    "mul", "div", "add", "sub", "masked_fill", "masked_fill_", "to", "float", "type", "type_as",
 )
 # Ops between the softmax and P·V.
 PROBABILITY_OPS = (F.dropout, torch.dropout, aten.dropout.default, aten._to_copy.default,
-                   "dropout", "to", "type_as", "float", "contiguous")
+                   "dropout", "to", "type", "type_as", "float", "contiguous")
 # Ops between a router's logits and its top-k.
 ROUTER_OPS = (*SOFTMAX, torch.sigmoid, F.sigmoid, aten.sigmoid.default, "sigmoid", "to", "float", "view", "reshape")
 
