@@ -456,6 +456,7 @@ def compile_many(count: int = 9) -> list[tuple[bool, list[str]]]:
     return results
 
 
+@pytest.mark.slow
 def test_a_model_dynamo_runs_eagerly_warns_it_is_not_quantized():
     results = compile_many()
     for i, (quantized, messages) in enumerate(results):
@@ -465,6 +466,7 @@ def test_a_model_dynamo_runs_eagerly_warns_it_is_not_quantized():
             assert any("NOT quantized" in m and "recompile_limit" in m for m in messages), (i, messages)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "qpass limitation: Dynamo's recompile limit (8 per code object) is shared by every qpass-compiled "
     "model of a class. qpass gives each model its own top-level code object (compile._own_code), but "
