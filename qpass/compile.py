@@ -27,22 +27,18 @@ from qpass.state import QpassState
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
-def _dynamo_parameters(gm: fx.GraphModule) -> set[fx.Node]:
-    """Placeholders that Dynamo lifted from parameters (or get_attrs of them)."""
-    found = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            grapharg = node.meta.get("grapharg")
-            if isinstance(getattr(grapharg, "example", None), nn.Parameter):
-                found.add(node)
-        elif node.op == "get_attr" and isinstance(getattr(gm, node.target, None), nn.Parameter):
-            found.add(node)
-    return found
-
-
 def _get_attr_parameters(gm: fx.GraphModule) -> set[fx.Node]:
     parameters = dict(gm.named_parameters())
     return {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in parameters}
+
+
+def _dynamo_parameters(gm: fx.GraphModule) -> set[fx.Node]:
+    """Placeholders that Dynamo lifted from parameters, and get_attrs of parameters."""
+    lifted = {
+        node for node in gm.graph.nodes
+        if node.op == "placeholder" and isinstance(getattr(node.meta.get("grapharg"), "example", None), nn.Parameter)
+    }
+    return lifted | _get_attr_parameters(gm)
 
 
 class _Backend:

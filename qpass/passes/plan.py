@@ -18,6 +18,12 @@ from qpass.recipes import Recipe
 MIN_REDUCTION = 32  # SPEC section 8: matmuls with K < 32 are excluded by default
 
 
+def grad_gemms(roles: tuple[str, str]) -> tuple[str, str]:
+    """The names of the GEMMs that produce dA and dB: the weight's gradient is the wgrad."""
+    a, b = roles
+    return ("wgrad", "dgrad") if a == "weight" and b != "weight" else ("dgrad", "wgrad")
+
+
 @dataclass(frozen=True)
 class ProductPlan:
     """One quantized product ``A · B``: its operands' roles and the quantizers of its three GEMMs."""
@@ -27,9 +33,7 @@ class ProductPlan:
 
     @property
     def grad_gemms(self) -> tuple[str, str]:
-        """The names of the GEMMs that produce dA and dB: the weight's gradient is the wgrad."""
-        a, b = self.roles
-        return ("wgrad", "dgrad") if a == "weight" and b != "weight" else ("dgrad", "wgrad")
+        return grad_gemms(self.roles)
 
     def formats(self) -> dict[str, str]:
         """``"gemm.role" -> format`` for every quantized operand role (SPEC section 6 names)."""
@@ -60,10 +64,8 @@ def _recipe_role(site_role: str) -> str:
 
 
 def product_plan(recipe: Recipe, roles: tuple[str, str]) -> ProductPlan:
-    a, b = roles
-    plan = ProductPlan(roles, MatmulQuantizers())
-    grad_a, grad_b = plan.grad_gemms
-    ra, rb = _recipe_role(a), _recipe_role(b)
+    grad_a, grad_b = grad_gemms(roles)
+    ra, rb = (_recipe_role(role) for role in roles)
     quantizers = MatmulQuantizers(
         a=recipe.quantizer("fprop", ra), b=recipe.quantizer("fprop", rb),
         da_grad=recipe.quantizer(grad_a, "grad_output"), da_b=recipe.quantizer(grad_a, rb),
