@@ -1,6 +1,7 @@
 """qpass: low-precision (FP8, MX, FP4) quantization for PyTorch models, as compiler passes."""
 
 from qpass import ops  # noqa: F401 -- registers the qpass:: custom ops
+from qpass.calibrate import calibrate
 from qpass.compile import compile, export
 from qpass.formats import (
     DelayedScaling,
@@ -14,16 +15,20 @@ from qpass.formats import (
 from qpass.quantizer import Quantizer
 from qpass.recipes import Recipe, get_recipe, recipes
 from qpass.report import Report, report
+from qpass.rotation import Hadamard, Rotation
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DelayedScaling",
     "FormatSpec",
+    "Hadamard",
     "QTensor",
     "Quantizer",
     "Recipe",
     "Report",
+    "Rotation",
+    "calibrate",
     "compile",
     "dequantize",
     "export",

@@ -27,16 +27,16 @@ from qpass.state import QpassState
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
-def _get_attr_parameters(gm: fx.GraphModule) -> set[fx.Node]:
+def _get_attr_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
     parameters = dict(gm.named_parameters())
-    return {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in parameters}
+    return {n: parameters[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in parameters}
 
 
-def _dynamo_parameters(gm: fx.GraphModule) -> set[fx.Node]:
-    """Placeholders that Dynamo lifted from parameters, and get_attrs of parameters."""
+def _dynamo_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
+    """Placeholders that Dynamo lifted from parameters, and get_attrs of parameters, with their values."""
     lifted = {
-        node for node in gm.graph.nodes
-        if node.op == "placeholder" and isinstance(getattr(node.meta.get("grapharg"), "example", None), nn.Parameter)
+        node: example for node in gm.graph.nodes
+        if node.op == "placeholder" and isinstance(example := getattr(node.meta.get("grapharg"), "example", None), nn.Parameter)
     }
     return lifted | _get_attr_parameters(gm)
 
@@ -49,14 +49,19 @@ class _Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         _quantize(gm, _dynamo_parameters(gm), self.state)
+        if self.state.observe is not None:
+            return gm.forward  # calibrating: the observers are Python functions in the graph
         return torch._dynamo.lookup_backend(self.state.backend)(gm, example_inputs)
 
 
-def _quantize(gm: fx.GraphModule, parameters: set[fx.Node], state: QpassState) -> None:
+def _quantize(gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState) -> None:
     recipe = state.recipe
     new_state = state.delayed_scaling if recipe.scaling == "delayed" else None
-    plans = quantize_graph(gm, parameters, recipe, state.matched_globs, new_state)
-    state.record(plans)
+    plans, notes = quantize_graph(
+        gm, parameters, recipe, state.matched_globs, new_state, state.calibration, state.observe
+    )
+    if state.observe is None:
+        state.record(plans, notes)
 
 
 def compile(

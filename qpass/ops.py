@@ -2,6 +2,8 @@
 
 ``qpass::quantize_dequantize``  one operand's QDQ (inference sites, and per-tensor operands of
                                 training sites); straight-through gradient.
+``qpass::rotate``               a Hadamard rotation along one axis (:mod:`qpass.rotation`); its
+                                gradient is the inverse rotation.
 ``qpass::quantized_matmul``     ``Q(A) · Q(B)`` for ``A [..., M, K]`` and ``B [..., K, N]``, with
                                 a backward that runs the dgrad and wgrad GEMMs of SPEC section 6:
                                 each quantizes its operands from the high-precision tensors along
@@ -24,13 +26,46 @@ import torch
 from torch import Tensor
 
 from qpass.quantizer import Quantizer
+from qpass.rotation import Rotation
 from qpass.state import delayed_state
 
 
-def _quantize(quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "") -> Tensor:
-    """fp32 fake-quantized ``x`` (``x`` itself in fp32 when the role stays in high precision)."""
+def _quantize(quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "", rotation: Rotation | None = None) -> Tensor:
+    """fp32 fake-quantized ``x``, rotated first if asked (``x`` in fp32 when the role stays in high precision)."""
     x = x.detach().float()
+    if rotation is not None:
+        x = rotation(x, axis)
     return x if quantizer is None else quantizer(x, axis, delayed_state(state, x.device))
+
+
+# ---- rotation ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qpass::rotate", mutates_args=())
+def rotate(x: Tensor, rotation: str, axis: int, inverse: bool = False) -> Tensor:
+    """``x · R`` along ``axis`` (``x · Rᵀ`` for ``inverse``), the axis zero-padded to whole blocks."""
+    return Rotation.from_json(rotation)(x, axis, inverse).contiguous()
+
+
+@rotate.register_fake
+def _(x, rotation, axis, inverse=False):
+    shape = list(x.shape)
+    shape[axis] = Rotation.from_json(rotation).padded(shape[axis])
+    return x.new_empty(shape)
+
+
+def _save_length(ctx, inputs, output):
+    x, ctx.rotation, ctx.axis, ctx.inverse = inputs
+    ctx.length = x.shape[ctx.axis]
+
+
+def _rotate_backward(ctx, grad):
+    # R is orthogonal: the gradient of x·R is grad·Rᵀ, cut back to x's length where x was padded.
+    grad = torch.ops.qpass.rotate(grad, ctx.rotation, ctx.axis, not ctx.inverse)
+    return grad.narrow(ctx.axis, 0, ctx.length), None, None, None
+
+
+rotate.register_autograd(_rotate_backward, setup_context=_save_length)
 
 
 # ---- quantize-dequantize -------------------------------------------------------------------------
@@ -64,8 +99,9 @@ class MatmulQuantizers:
     """The quantizers of one product ``A · B`` in its three GEMMs (None: high precision).
 
     ``a``, ``b``: the forward's operands; ``da_grad``, ``da_b``: dY and B in the GEMM that gives dA;
-    ``db_grad``, ``db_a``: dY and A in the GEMM that gives dB. The ``*_state`` fields name
-    delayed-scaling states (:mod:`qpass.state`) of per-tensor operands.
+    ``db_grad``, ``db_a``: dY and A in the GEMM that gives dB. ``rotation``, ``da_rotation``,
+    ``db_rotation``: the Hadamard rotation of both operands of each GEMM along its reduction axis.
+    The ``*_state`` fields name delayed-scaling states (:mod:`qpass.state`) of per-tensor operands.
     """
 
     a: Quantizer | None = None
@@ -77,6 +113,9 @@ class MatmulQuantizers:
     a_state: str = ""
     b_state: str = ""
     grad_state: str = ""
+    rotation: Rotation | None = None
+    da_rotation: Rotation | None = None
+    db_rotation: Rotation | None = None
 
     def __post_init__(self) -> None:
         # A delayed-scaling state records one amax per step: its operand must be quantized once.
@@ -90,19 +129,21 @@ class MatmulQuantizers:
     def _same_per_tensor(first: Quantizer | None, second: Quantizer | None) -> bool:
         return first is not None and first == second and first.per_tensor
 
+    # An operand rotated in either of its GEMMs differs between them: each rotates its own axis.
+
     @property
     def hoists_a(self) -> bool:
         """A is quantized identically in both its GEMMs, so once, before the product (and saved so)."""
-        return self._same_per_tensor(self.a, self.db_a)
+        return self._same_per_tensor(self.a, self.db_a) and self.rotation is self.db_rotation is None
 
     @property
     def hoists_b(self) -> bool:
-        return self._same_per_tensor(self.b, self.da_b)
+        return self._same_per_tensor(self.b, self.da_b) and self.rotation is self.da_rotation is None
 
     @property
     def shares_grad(self) -> bool:
         """dY is quantized identically for both backward GEMMs, so once per backward."""
-        return self._same_per_tensor(self.da_grad, self.db_grad)
+        return self._same_per_tensor(self.da_grad, self.db_grad) and self.da_rotation is self.db_rotation is None
 
     @property
     def quantizes_backward(self) -> bool:
@@ -110,28 +151,34 @@ class MatmulQuantizers:
 
     def to_json(self) -> str:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return json.dumps({k: v.to_json() if isinstance(v, Quantizer) else v for k, v in values.items()})
+        return json.dumps({k: v.to_json() if isinstance(v, (Quantizer, Rotation)) else v for k, v in values.items()})
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def from_json(text: str) -> MatmulQuantizers:
         values = json.loads(text)
-        return MatmulQuantizers(**{k: Quantizer.from_json(v) if k in QUANTIZER_FIELDS and v else v for k, v in values.items()})
+        for key, value in values.items():
+            if key in QUANTIZER_FIELDS and value:
+                values[key] = Quantizer.from_json(value)
+            elif key in ROTATION_FIELDS and value:
+                values[key] = Rotation.from_json(value)
+        return MatmulQuantizers(**values)
 
 
 QUANTIZER_FIELDS = ("a", "b", "da_grad", "da_b", "db_grad", "db_a")
+ROTATION_FIELDS = ("rotation", "da_rotation", "db_rotation")
 
 
 @torch.library.custom_op("qpass::quantized_matmul", mutates_args=())
 def quantized_matmul(a: Tensor, b: Tensor, quantizers: str) -> Tensor:
     """fprop: ``Q(A along K) · Q(B along K)`` in fp32, returned in ``a``'s dtype."""
     q = MatmulQuantizers.from_json(quantizers)
-    return torch.matmul(_quantize(q.a, a, -1), _quantize(q.b, b, -2)).to(a.dtype)
+    return torch.matmul(_quantize(q.a, a, -1, rotation=q.rotation), _quantize(q.b, b, -2, rotation=q.rotation)).to(a.dtype)
 
 
 @quantized_matmul.register_fake
 def _(a, b, quantizers):
-    return torch.matmul(a, b)
+    return torch.matmul(a, b)  # a rotation pads K alike on both sides: the shape is unchanged
 
 
 @torch.library.custom_op("qpass::quantized_matmul_backward", mutates_args=())
@@ -148,14 +195,16 @@ def quantized_matmul_backward(
     shared = _quantize(q.da_grad, grad, -1, q.grad_state) if q.shares_grad else None
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
-        dy = shared if shared is not None else _quantize(q.da_grad, grad, -1)
-        grad_a = (dy @ _quantize(q.da_b, b, -1).mT).sum_to_size(a.shape).to(a.dtype).contiguous()
+        dy = shared if shared is not None else _quantize(q.da_grad, grad, -1, rotation=q.da_rotation)
+        b_n = _quantize(q.da_b, b, -1, rotation=q.da_rotation)
+        grad_a = (dy @ b_n.mT).sum_to_size(a.shape).to(a.dtype).contiguous()
     if need_b:
         if b.ndim == 2:
             a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
             shared = shared if shared is None else shared.reshape(grad.shape)
-        dy = shared if shared is not None else _quantize(q.db_grad, grad, -2)
-        grad_b = (_quantize(q.db_a, a, -2).mT @ dy).sum_to_size(b.shape).to(b.dtype).contiguous()
+        dy = shared if shared is not None else _quantize(q.db_grad, grad, -2, rotation=q.db_rotation)
+        a_m = _quantize(q.db_a, a, -2, rotation=q.db_rotation)
+        grad_b = (a_m.mT @ dy).sum_to_size(b.shape).to(b.dtype).contiguous()
     return grad_a, grad_b
 
 

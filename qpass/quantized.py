@@ -4,8 +4,9 @@ Each takes the original op's arguments plus the :class:`~qpass.ops.MatmulQuantiz
 product(s) as JSON, and is built on one function, :func:`product`. Graphs call these functions, so
 AOTAutograd and torch.export trace them into the :mod:`qpass.ops` custom ops:
 
-- a product whose recipe quantizes nothing in backward (inference) becomes QDQ nodes and a plain
-  matmul, with a straight-through backward;
+- a product whose recipe quantizes nothing in backward (inference) becomes QDQ nodes (after
+  ``qpass::rotate`` nodes where the recipe rotates) and a plain matmul, with a straight-through
+  backward;
 - a training product becomes one ``qpass::quantized_matmul`` (SPEC section 6 backward), preceded by
   QDQ nodes for operands quantized the same per-tensor way in both their GEMMs: quantized once and
   saved quantized, as Transformer Engine does (and where delayed scaling records their amax).
@@ -23,6 +24,11 @@ from torch import Tensor
 
 from qpass.ops import MatmulQuantizers
 from qpass.quantizer import Quantizer
+from qpass.rotation import Rotation
+
+
+def rotate(x: Tensor, rotation: Rotation | None, axis: int) -> Tensor:
+    return x if rotation is None else torch.ops.qpass.rotate(x, rotation.to_json(), axis, False)
 
 
 def qdq(x: Tensor, quantizer: Quantizer | None, axis: int, state: str = "") -> Tensor:
@@ -47,6 +53,7 @@ def product(a: Tensor, b: Tensor, quantizers: str) -> Tensor:
     """``A [..., M, K] · B [..., K, N]`` quantized as ``quantizers`` (MatmulQuantizers JSON) says."""
     q, op_config = _without_hoisted(quantizers)
     if not q.quantizes_backward:
+        a, b = rotate(a, q.rotation, -1), rotate(b, q.rotation, -2)
         return torch.matmul(qdq(a, q.a, -1, q.a_state), qdq(b, q.b, -2, q.b_state))
     if q.hoists_a:
         a = qdq(a, q.a, -1, q.a_state)

@@ -10,6 +10,10 @@ A :class:`Recipe` names a quantizer per role (``input``, ``weight``, ``grad_outp
 every GEMM that role appears in) and may change single GEMM roles through ``per_gemm`` (keys such
 as ``"wgrad.input"``). A recipe that quantizes nothing in backward is an inference recipe: its
 sites get plain quantize-dequantize nodes and a straight-through backward.
+
+Two function-preserving transforms keep low-bit formats accurate: ``hadamard`` rotates GEMM
+operands (:mod:`qpass.rotation`, and the residual stream of Llama-style models) and ``ocs``
+splits outlier channels (:mod:`qpass.passes.ocs`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import copy
 from dataclasses import dataclass, field, fields, replace
 
 from qpass.quantizer import Quantizer, as_quantizer
+from qpass.rotation import Hadamard
 
 GEMM_ROLES: dict[str, tuple[str, str]] = {
     "fprop": ("input", "weight"),
@@ -27,8 +32,6 @@ GEMM_ROLES: dict[str, tuple[str, str]] = {
 ROLES = ("input", "weight", "grad_output")
 GEMM_ROLE_KEYS = tuple(f"{gemm}.{role}" for gemm, roles in GEMM_ROLES.items() for role in roles)
 SCALINGS = ("current", "delayed")
-# Known to the SPEC, built by the rotation/OCS issue: rejected with a clear message until then.
-PENDING_OVERRIDES = ("hadamard", "ocs")
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Recipe:
     attention: bool = False  # quantize Q·Kᵀ and P·V with the input quantizer
     exclude: list[str] = field(default_factory=list)  # globs over site names
     rules: list[tuple[str, dict]] = field(default_factory=list)  # (glob, overrides), later rules win
+    hadamard: Hadamard = field(default_factory=Hadamard)  # or any form Hadamard.parse takes
+    ocs: float | None = None  # outlier channel splitting: extra input channels per channel
     description: str = ""
     notes: str = ""  # shown by qpass.report: what the recipe asks for that is not applied yet
 
@@ -63,12 +68,19 @@ class Recipe:
                     f"scaling='delayed' needs per-tensor absmax quantizers (fp8_*/fp6_*/fp4_e2m1 with "
                     f"granularity 'tensor'); recipe {self.name!r} has {', '.join(not_per_tensor)}"
                 )
+        self.hadamard = Hadamard.parse(self.hadamard)
+        if self.scaling == "delayed" and any((self.hadamard.fprop, self.hadamard.dgrad, self.hadamard.wgrad)):
+            raise ValueError("scaling='delayed' quantizes each operand once for both its GEMMs; a GEMM rotation makes them differ")
+        if self.ocs is not None and not (isinstance(self.ocs, (int, float)) and 0 < self.ocs <= 1):
+            raise ValueError(f"ocs= is an expand ratio in (0, 1] (0.01-0.05 is typical), got {self.ocs!r}")
         if self.attention and self.input is None:
             raise ValueError(f"attention=True quantizes Q, K, P and V with the input quantizer; recipe {self.name!r} has none")
         for rule in self.rules:
             if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str) and isinstance(rule[1], dict)):
                 raise TypeError(f"a rule is (glob, {{override: value}}), got {rule!r}")
             check_override_keys(rule[1], RULE_KEYS, "rule")
+            if Hadamard.parse(rule[1].get("hadamard")).residual:
+                raise ValueError("the residual-stream rotation is whole-model: set hadamard='residual' on the recipe, not in a rule")
             # A rule's values are checked now, not when a site it matches is first traced.
             changes = {key: value for key, value in rule[1].items() if key != "exclude"}
             replace(self, rules=[]).with_overrides(**changes)
@@ -115,20 +127,14 @@ def _map_quantizers(recipe: Recipe, change) -> Recipe:
 
 
 _FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("name", "per_gemm", "description", "notes"))
-OVERRIDE_KEYS = (*_FIELDS, *GEMM_ROLE_KEYS, "rounding", "scale_mode", *PENDING_OVERRIDES)
-RULE_KEYS = (*ROLES, *GEMM_ROLE_KEYS, "rounding", "scale_mode", "exclude")
+OVERRIDE_KEYS = (*_FIELDS, *GEMM_ROLE_KEYS, "rounding", "scale_mode")
+RULE_KEYS = (*ROLES, *GEMM_ROLE_KEYS, "rounding", "scale_mode", "hadamard", "ocs", "exclude")
 
 
 def check_override_keys(overrides: dict, valid: tuple[str, ...], what: str) -> None:
     unknown = [key for key in overrides if key not in valid]
     if unknown:
         raise ValueError(f"unknown {what} key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
-    for key in PENDING_OVERRIDES:
-        if overrides.get(key) is not None:
-            raise NotImplementedError(
-                f"{key}= is part of the recipe contract but the rotation/outlier-splitting passes are not "
-                f"built yet; compile without {key}= for now"
-            )
 
 
 def _all(quantizer: Quantizer) -> dict[str, Quantizer]:
@@ -168,9 +174,8 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
             description="MXFP6 E2M3 weight and input",
         ),
         Recipe(
-            "mxfp4-infer", input=Quantizer("mxfp4"), weight=Quantizer("mxfp4"),
-            description="MXFP4 weight and input",
-            notes="the recipe's 32-point block Hadamard rotation is not applied yet: the rotation pass is not built",
+            "mxfp4-infer", input=Quantizer("mxfp4"), weight=Quantizer("mxfp4"), hadamard="block32",
+            description="MXFP4 weight and input, 32-point block Hadamard on both (QuaRot/MR-GPTQ style)",
         ),
         Recipe(
             "nvfp4-infer", input=Quantizer("nvfp4"), weight=Quantizer("nvfp4"),

@@ -32,7 +32,7 @@ class Report:
 
     def __str__(self) -> str:
         header = ("site", "kind", "K", "quantization")
-        lines = [(r["site"], r["kind"], "" if r["K"] is None else str(r["K"]), _describe(r)) for r in self.rows]
+        lines = [(r["site"], r["kind"], _reduction(r), _describe(r)) for r in self.rows]
         widths = [max(len(line[i]) for line in [header, *lines]) for i in range(3)]
         table = [
             f"qpass report: recipe {self.recipe}, {len(self.quantized)} of {len(self.rows)} sites quantized",
@@ -43,10 +43,19 @@ class Report:
         return "\n".join(table)
 
 
+def _reduction(row: dict) -> str:
+    """K, and the input channels outlier channel splitting added (``4096+82``)."""
+    if row["K"] is None:
+        return ""
+    return f"{row['K']}+{row['extra_channels']}" if row["extra_channels"] else str(row["K"])
+
+
 def _describe(row: dict) -> str:
-    """``role=format`` per operand role; ``gemm.role=format`` only where the GEMMs of a role differ."""
+    """``role=format`` per operand role (``gemm.role=format`` only where the GEMMs of a role
+    differ), then what the rotation and splitting passes did."""
+    notes = "".join(f"; {note}" for note in row["notes"])
     if not row["quantized"]:
-        return f"excluded: {row['reason']}"
+        return f"excluded: {row['reason']}{notes}"
     by_role: dict[str, dict[str, str]] = {}
     for key, fmt in row["formats"].items():
         *product, gemm, role = key.split(".")
@@ -57,7 +66,7 @@ def _describe(row: dict) -> str:
             parts.append(f"{role}={next(iter(per_gemm.values()))}")
         else:
             parts += [f"{gemm}.{role}={fmt}" for gemm, fmt in per_gemm.items()]
-    return " ".join(parts)
+    return " ".join(parts) + notes
 
 
 def _row(plan: SitePlan) -> dict:
@@ -75,6 +84,8 @@ def _row(plan: SitePlan) -> dict:
         "quantized": plan.excluded is None,
         "formats": formats,
         "reason": plan.excluded,
+        "extra_channels": plan.extra_channels,
+        "notes": list(plan.notes),
     }
 
 
@@ -83,7 +94,7 @@ def report(model: nn.Module) -> Report:
     state = getattr(model, "_qpass", None)
     if not isinstance(state, QpassState):
         raise ValueError("qpass.report takes a model compiled by qpass.compile")
-    notes = [state.recipe.notes] if state.recipe.notes else []
+    notes = ([state.recipe.notes] if state.recipe.notes else []) + state.notes
     if not state.graphs_captured:
         notes.append("no graph captured yet: sites are found when the model first runs")
     return Report(state.recipe.name, [_row(plan) for plan in state.plans.values()], notes)

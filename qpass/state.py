@@ -58,6 +58,9 @@ class QpassState(_Namespace):
         self.options = options  # torch.compile's (dynamic, fullgraph)
         self._model = None  # weak reference to the model this state is attached to
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph
+        self.notes: list[str] = []  # what the passes said about whole graphs (residual rotation)
+        self.calibration: dict[str, torch.Tensor] = {}  # site -> per-channel input max (qpass.calibrate)
+        self.observe = None  # set while calibrating: graphs report their inputs instead of quantizing
         self.matched_globs: set[str] = set()  # rule and exclude globs that matched a site
         self.graphs_captured = 0
         self.checked = False  # the first call's checks ran
@@ -97,10 +100,19 @@ class QpassState(_Namespace):
             model_copy.__dict__["_compiled_call_impl"] = compiled_call(model_copy, twin.options)
         return twin
 
-    def record(self, plans) -> None:
+    def record(self, plans, notes: list[str]) -> None:
         """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
         self.graphs_captured += 1
         self.plans.update((plan.name, plan) for plan in plans)
+        self.notes += [note for note in notes if note not in self.notes]
+
+    def restart(self, *, observe=None, calibration: dict | None = None) -> None:
+        """Forget the captured graphs (the model's next call captures them afresh) and set what
+        the next captures use: an observer while calibrating, or calibration statistics."""
+        self.plans, self.notes, self.graphs_captured, self.checked = {}, [], 0, False
+        self.observe = observe
+        if calibration is not None:
+            self.calibration = calibration
 
     def check_first_call(self) -> None:
         """After the first call every graph of the model is captured: say what did not apply."""

@@ -125,7 +125,7 @@ EXPECTED_FORMATS = {
     "fp8-infer": _infer("fp8_e4m3(channel)"),
     "mxfp8-infer": _infer("mxfp8_e4m3"),
     "mxfp6-infer": _infer("mxfp6_e2m3"),
-    "mxfp4-infer": _infer("mxfp4"),
+    "mxfp4-infer": _infer("mxfp4+hadamard-block32"),
     "nvfp4-infer": _infer("nvfp4"),
     "mxfp4-weight-only": {"fprop.weight": "mxfp4"},
 }

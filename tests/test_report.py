@@ -42,10 +42,9 @@ def test_table():
     text = str(qpass.report(compiled("mxfp4-infer")))
     lines = text.splitlines()
     assert lines[0] == "qpass report: recipe mxfp4-infer, 1 of 3 sites quantized"
-    assert lines[1].startswith("note: the recipe's 32-point block Hadamard rotation is not applied yet")
-    assert lines[2].split() == ["site", "kind", "K", "quantization"]
-    assert lines[4].split() == ["mlp", "linear", "64", "input=mxfp4", "weight=mxfp4"]
-    assert "excluded: final output projection (lm_head)" in lines[5]
+    assert lines[1].split() == ["site", "kind", "K", "quantization"]
+    assert lines[3].split() == ["mlp", "linear", "64", "input=mxfp4+hadamard-block32", "weight=mxfp4+hadamard-block32"]
+    assert "excluded: final output projection (lm_head)" in lines[4]
 
 
 def test_gemms_that_differ_are_listed_apart():

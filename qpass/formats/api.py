@@ -145,6 +145,20 @@ def fake_quantize(
     return _StraightThrough.apply(x, out) if x.requires_grad else out
 
 
+def quantization_step(
+    x: torch.Tensor, format: str | FormatSpec, axis: int = -1, scale_mode: str | None = None, granularity=None,
+) -> torch.Tensor:
+    """The grid step at each element of ``x`` in ``x``'s units: the gap between the representable
+    values around it, at the scale its group gets (outlier channel splitting needs it)."""
+    spec, axis = _resolve(x, format, axis, scale_mode, "rne", granularity, None, None)
+    length = _axis_length(x.shape, axis)
+    groups = to_groups(x.detach().reshape(x.shape or (1,)).float(), axis, spec.padded_length(length), spec.group_size(length))
+    scales = compute_scales(groups, spec)
+    magnitude = (groups * scales.encode).abs().clamp(min=spec.element.min_normal)
+    step = torch.exp2(magnitude.log2().floor() - spec.element.mbits) * scales.decode
+    return from_groups(step, axis, length).reshape(x.shape).to(x.dtype)
+
+
 def qsnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """Quantization signal-to-noise ratio ``20 log10(||x|| / ||x - y||)`` in dB (+inf if equal)."""
     x64, y64 = x.detach().double(), y.detach().double()

@@ -8,12 +8,15 @@ section 8, then ``rules`` (which may set ``exclude=False`` to quantize a default
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from qpass.ops import MatmulQuantizers
-from qpass.passes.sites import ATTENTION_KINDS, Site
+from qpass.passes.sites import ATTENTION_KINDS, Site, meta_value
 from qpass.recipes import Recipe
+from qpass.rotation import Rotation, resolve
 
 MIN_REDUCTION = 32  # SPEC section 8: matmuls with K < 32 are excluded by default
 
@@ -41,11 +44,14 @@ class ProductPlan:
         grad_a, grad_b = self.grad_gemms
         q = self.quantizers
         slots = {
-            f"fprop.{a}": q.a, f"fprop.{b}": q.b,
-            f"{grad_a}.grad_output": q.da_grad, f"{grad_a}.{b}": q.da_b,
-            f"{grad_b}.grad_output": q.db_grad, f"{grad_b}.{a}": q.db_a,
+            f"fprop.{a}": (q.a, q.rotation), f"fprop.{b}": (q.b, q.rotation),
+            f"{grad_a}.grad_output": (q.da_grad, q.da_rotation), f"{grad_a}.{b}": (q.da_b, q.da_rotation),
+            f"{grad_b}.grad_output": (q.db_grad, q.db_rotation), f"{grad_b}.{a}": (q.db_a, q.db_rotation),
         }
-        return {key: str(value) for key, value in slots.items() if value is not None}
+        return {
+            key: str(value) + ("" if rotation is None else f"+{rotation}")
+            for key, (value, rotation) in slots.items() if value is not None
+        }
 
 
 @dataclass
@@ -53,6 +59,9 @@ class SitePlan:
     site: Site
     products: tuple[ProductPlan, ...] = ()  # (A·B,) for matmuls, (Q·Kᵀ, P·V) for sdpa
     excluded: str | None = None  # the reason, for qpass.report
+    ocs: float | None = None  # the expand ratio of outlier channel splitting, if planned
+    extra_channels: int = 0  # the input channels that splitting added
+    notes: list[str] = field(default_factory=list)  # what the passes did or could not do, for qpass.report
 
     @property
     def name(self) -> str:
@@ -63,15 +72,58 @@ def _recipe_role(site_role: str) -> str:
     return "weight" if site_role == "weight" else "input"  # attention's Q, K, P, V are activations
 
 
-def product_plan(recipe: Recipe, roles: tuple[str, str]) -> ProductPlan:
+Dims = tuple[int | None, int | None, int | None]  # (M, K, N) of A [..., M, K] · B [..., K, N], None: not static
+
+
+def product_plan(recipe: Recipe, roles: tuple[str, str], dims: Dims = (None, None, None)) -> tuple[ProductPlan, list[str]]:
+    """The product's quantizers and rotations, and warnings about rotations that had to change."""
     grad_a, grad_b = grad_gemms(roles)
     ra, rb = (_recipe_role(role) for role in roles)
-    quantizers = MatmulQuantizers(
-        a=recipe.quantizer("fprop", ra), b=recipe.quantizer("fprop", rb),
-        da_grad=recipe.quantizer(grad_a, "grad_output"), da_b=recipe.quantizer(grad_a, rb),
-        db_grad=recipe.quantizer(grad_b, "grad_output"), db_a=recipe.quantizer(grad_b, ra),
-    )
-    return ProductPlan(roles, quantizers)
+    q = {
+        "a": recipe.quantizer("fprop", ra), "b": recipe.quantizer("fprop", rb),
+        "da_grad": recipe.quantizer(grad_a, "grad_output"), "da_b": recipe.quantizer(grad_a, rb),
+        "db_grad": recipe.quantizer(grad_b, "grad_output"), "db_a": recipe.quantizer(grad_b, ra),
+    }
+    # A GEMM is rotated only where it quantizes something; each along its own reduction (K, N, M).
+    m, k, n = dims
+    warned: list[str] = []
+    gemms = {"rotation": ("fprop", k, "a", "b"), "da_rotation": (grad_a, n, "da_grad", "da_b"),
+             "db_rotation": (grad_b, m, "db_grad", "db_a")}
+    for slot, (gemm, length, *operands) in gemms.items():
+        rotation = getattr(recipe.hadamard, gemm)
+        if rotation is not None and any(q[o] is not None for o in operands):
+            q[slot], warning = _rotation_for(rotation, length)
+            warned += [f"{gemm}: {warning}"] if warning else []
+    return ProductPlan(roles, MatmulQuantizers(**q)), warned
+
+
+def _rotation_for(rotation: Rotation, length: int | None) -> tuple[Rotation, str | None]:
+    if length is not None:
+        return resolve(rotation, length)
+    if rotation.block is None:  # e.g. a weight gradient's M, the tokens of a dynamic batch
+        fallback = Rotation(32, rotation.seed, rotation.signs[:32] if rotation.signs else None)
+        return fallback, "the reduction length is not static: using 32-point blocks of the zero-padded axis"
+    return rotation, None
+
+
+def _static(size) -> int | None:
+    return size if isinstance(size, int) else None
+
+
+def product_dims(site: Site) -> list[Dims]:
+    """(M, K, N) of each of the site's products, from the graph's example values."""
+    shapes = [None if (v := meta_value(o)) is None else v.shape for o in site.operands]
+    if any(shape is None for shape in shapes) or site.kind == "einsum":
+        return [(None, site.reduction, None)] * (2 if site.kind == "sdpa" else 1)
+    if site.kind == "sdpa":
+        q, k, v = shapes
+        return [(_static(q[-2]), _static(q[-1]), _static(k[-2])), (_static(q[-2]), _static(k[-2]), _static(v[-1]))]
+    a, b = shapes
+    if site.kind == "linear":
+        b = tuple(reversed(b))  # the weight is [N, K]: the product's B is its transpose
+    # A matrix B is shared by every batch entry: its weight gradient reduces all of A's rows.
+    m = math.prod(a[:-1]) if len(b) == 2 else a[-2]
+    return [(_static(m), _static(a[-1]), _static(b[-1]))]
 
 
 def _cannot_quantize(site: Site) -> str | None:
@@ -115,14 +167,20 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
     if reason is not None:
         return SitePlan(site, excluded=reason)
     site_recipe = recipe.with_overrides(**changes) if changes else recipe
-    if site.kind == "sdpa":
-        products = (product_plan(site_recipe, ("q", "k")), product_plan(site_recipe, ("p", "v")))
-    else:
-        products = (product_plan(site_recipe, site.roles),)
+    roles = (("q", "k"), ("p", "v")) if site.kind == "sdpa" else (site.roles,)
+    dims = product_dims(site)
+    ocs = site_recipe.ocs if site.kind == "linear" else None
+    if ocs is not None:  # the split adds input channels: the forward's K grows
+        m, k, n = dims[0]
+        dims = [(m, None if k is None else k + math.ceil(ocs * k), n)]
+    planned = [product_plan(site_recipe, r, d) for r, d in zip(roles, dims)]
+    products = tuple(p for p, _ in planned)
     if not any(p.formats() for p in products):
-        roles = ", ".join(site.roles)
-        return SitePlan(site, excluded=f"the recipe quantizes none of its operands (roles {roles})")
-    return SitePlan(site, products)
+        return SitePlan(site, excluded=f"the recipe quantizes none of its operands (roles {', '.join(site.roles)})")
+    notes = [warning for _, warnings_ in planned for warning in warnings_]
+    for note in notes:
+        warnings.warn(f"qpass: site {site.name!r}: {note}", stacklevel=2)
+    return SitePlan(site, products, ocs=ocs, notes=notes)
 
 
 def plan_sites(sites: list[Site], recipe: Recipe, matched_globs: set[str]) -> list[SitePlan]:

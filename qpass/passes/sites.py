@@ -10,6 +10,7 @@ alone; otherwise the op kind is appended (``...self_attn.sdpa``, ``...attn.matmu
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections import Counter, defaultdict
@@ -104,7 +105,7 @@ class Site:
 # ---- operands and roles -----------------------------------------------------------------------
 
 
-def source_parameter(node, parameters: set[fx.Node]) -> fx.Node | None:
+def source_parameter(node, parameters: dict[fx.Node, torch.Tensor]) -> fx.Node | None:
     """The parameter that ``node`` is a view or cast of, if it is one."""
     while isinstance(node, fx.Node):
         if node in parameters:
@@ -113,6 +114,24 @@ def source_parameter(node, parameters: set[fx.Node]) -> fx.Node | None:
             return None
         node = node.args[0]
     return None
+
+
+def weight_value(node, parameters: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+    """The value of an operand computed from parameters alone (a weight after earlier passes
+    transformed it), evaluated from the parameters' values."""
+    if node in parameters:
+        return parameters[node]
+    if not isinstance(node, fx.Node):
+        return node
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: weight_value(n, parameters))
+    with torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        return functools.reduce(getattr, node.target.split("."), node.graph.owning_module)
+    raise ValueError(f"{node.name} is not computed from parameters alone")
 
 
 def matmul_operands(node: fx.Node, kind: str) -> tuple[list, str | None]:
@@ -271,11 +290,11 @@ def _name_sites(sites: list[Site]) -> None:
 # ---- the pass ----------------------------------------------------------------------------------
 
 
-def find_sites(graph: fx.Graph, parameters: set[fx.Node]) -> list[Site]:
+def find_sites(graph: fx.Graph, parameters: dict[fx.Node, torch.Tensor]) -> list[Site]:
     """Every matmul, attention and embedding in ``graph``, in graph order.
 
-    ``parameters`` are the nodes that hold parameters (placeholders or get_attrs): operands traced
-    back to one of them get the role ``weight``.
+    ``parameters`` maps the nodes that hold parameters (placeholders or get_attrs) to their
+    values: operands traced back to one of them get the role ``weight``.
     """
     sites: dict[fx.Node, Site] = {}
     for node in graph.nodes:

@@ -27,7 +27,7 @@ class TwoLinears(nn.Module):
 
 def rewritten(module, recipe, *inputs, **overrides):
     gm, parameters, example_inputs = capture(module, *inputs)
-    plans = quantize_graph(gm, parameters, get_recipe(recipe).with_overrides(**overrides), set())
+    plans, _ = quantize_graph(gm, parameters, get_recipe(recipe).with_overrides(**overrides), set())
     return gm, example_inputs, plans
 
 

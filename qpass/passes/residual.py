@@ -1,0 +1,271 @@
+"""Residual-stream rotation (QuaRot, arXiv 2404.00456) for pre-norm transformers with RMSNorm.
+
+A Llama-style model keeps a residual stream ``h``: embeddings start it, each block reads it through
+an RMSNorm into linears (q/k/v, gate/up, finally lm_head) and adds linear outputs back (o_proj,
+down_proj). Rotating the whole stream by one orthogonal ``Q`` changes no output:
+
+- RMSNorm without its weight commutes with ``Q`` (it divides by ``‖h‖``, which ``Q`` keeps), so
+  each norm's weight ``γ`` is folded into the linears it feeds, ``W ← W·diag(γ)``;
+- the stream's writers produce ``y·Q``: embedding tables ``E ← E·Q``, writer weights ``W ← Qᵀ·W``
+  (and biases ``b ← b·Q``);
+- its readers take ``h·Q``: their weights ``W ← W·diag(γ)·Q``.
+
+The weights are rewritten in the graph as functions of the parameters (so training, and weights
+loaded later, stay consistent). Linears that write the stream from an MLP (down_proj) also get an
+online full-size Hadamard on their input, as in QuaRot. The pattern is found in the graph, never
+from module names: :func:`find_stream` says why a graph does not match, and then nothing changes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from qpass.passes.plan import SitePlan
+from qpass.passes.sites import ATTENTION_KINDS, _is, matmul_operands, meta_value
+from qpass.rotation import BLOCK_SIZES, Rotation, resolve
+
+aten = torch.ops.aten
+
+ADD = (operator.add, torch.add, aten.add.Tensor, "add")
+MUL = (operator.mul, torch.mul, aten.mul.Tensor, "mul")
+POW = (operator.pow, torch.pow, aten.pow.Tensor_Scalar, "pow")
+MEAN = (torch.mean, aten.mean.dim, "mean")
+RSQRT = (torch.rsqrt, aten.rsqrt.default, "rsqrt")
+RMS_NORM = (F.rms_norm, torch.rms_norm, aten.rms_norm.default)
+DROPOUT = (F.dropout, torch.dropout, aten.dropout.default, "dropout")
+# Ops that commute with a rotation of the last axis (casts, copies).
+PASS_THROUGH = (aten._to_copy.default, aten.clone.default, "to", "float", "type", "type_as", "contiguous", "clone")
+
+
+@dataclass
+class Norm:
+    """One RMSNorm on the stream: ``weight_node`` multiplies the normalized value by ``weight``."""
+
+    output: fx.Node  # what the readers consume
+    weight: fx.Node | None  # the γ parameter (None: no weight)
+    weight_mul: fx.Node | None  # the ``γ · x`` node of a hand-written norm
+    fused: fx.Node | None = None  # an ``F.rms_norm`` node
+
+
+@dataclass
+class Stream:
+    embeddings: list[SitePlan] = field(default_factory=list)
+    writers: list[SitePlan] = field(default_factory=list)
+    norms: list[Norm] = field(default_factory=list)
+    readers: list[tuple[SitePlan, Norm]] = field(default_factory=list)
+    mlp_writers: list[SitePlan] = field(default_factory=list)  # writers whose input is not attention
+    width: int = 0
+
+
+def _through(node: fx.Node, ops: tuple) -> fx.Node:
+    """Back from ``node`` through ``ops`` (first arguments) to what they pass on."""
+    while _is(node, ops) or _is_inactive_dropout(node):
+        node = node.args[0]
+    return node
+
+
+def _is_inactive_dropout(node) -> bool:
+    """Dropout that is the identity (eval mode, or p = 0): it commutes with any rotation."""
+    if not isinstance(node, fx.Node) or not _is(node, DROPOUT):
+        return False
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return p == 0 or training is False
+
+
+def _match_norm(x: fx.Node, parameters) -> Norm | None:
+    """The RMSNorm that starts at stream node ``x``: ``x · rsqrt(mean(x², -1) + eps)`` (times γ), or
+    ``F.rms_norm(x, (d,), γ)``."""
+    for user in x.users:
+        if _is(user, RMS_NORM) and user.args[0] is x:
+            weight = user.args[2] if len(user.args) > 2 else user.kwargs.get("weight")
+            return Norm(user, weight, None, fused=user)
+        if not (_is(user, POW) and user.args[1] == 2):
+            continue
+        mean = next(iter(user.users), None)
+        add = next(iter(mean.users), None) if mean is not None and _is(mean, MEAN) else None
+        rsqrt = next(iter(add.users), None) if add is not None and _is(add, ADD) else None
+        if rsqrt is None or not _is(rsqrt, RSQRT):
+            continue
+        normalized = next((n for n in rsqrt.users if _is(n, MUL) and x in n.args), None)
+        if normalized is None:
+            continue
+        out = normalized
+        while len(out.users) == 1 and _is(next(iter(out.users)), PASS_THROUGH):
+            out = next(iter(out.users))
+        scale = next(iter(out.users)) if len(out.users) == 1 else None
+        if scale is not None and _is(scale, MUL):
+            weight = next((a for a in scale.args if a is not out), None)
+            if weight in parameters:
+                return Norm(scale, weight, scale)
+        return Norm(out, None, None)
+    return None
+
+
+def _norm_nodes(norm: Norm, x: fx.Node) -> set[fx.Node]:
+    """The norm's own users of ``x`` (the square and the normalizing product)."""
+    if norm.fused is not None:
+        return {norm.fused}
+    return {u for u in x.users if _is(u, POW) or (_is(u, MUL) and any(_is(a, RSQRT) for a in u.args))}
+
+
+def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str | None]:
+    """The graph's residual stream, or why there is none that can be rotated."""
+    by_node = {plan.site.node: plan for plan in plans}
+    linears = {n: p for n, p in by_node.items() if p.site.kind == "linear" and p.site.weights[1] is not None}
+    stream = Stream(embeddings=[p for p in plans if p.site.kind == "embedding" and p.site.weights[0] is not None])
+    if not stream.embeddings:
+        return None, "no embedding in this graph starts a residual stream"
+    frontier = [p.site.node for p in stream.embeddings]
+    members: set[fx.Node] = set(frontier)
+    while frontier:
+        node = frontier.pop()
+        norm = _match_norm(node, parameters)
+        handled = set()
+        if norm is not None:
+            stream.norms.append(norm)
+            handled = _norm_nodes(norm, node)
+        for user in node.users:
+            if user in handled or user in members:
+                continue
+            if _is(user, PASS_THROUGH) or _is_inactive_dropout(user) or (_is(user, MUL) and _scalar_other(user, node)):
+                pass
+            elif _is(user, ADD):
+                other = next((a for a in user.args if a is not node), node)
+                writer = linears.get(_through(other, PASS_THROUGH)) if isinstance(other, fx.Node) else None
+                if writer is not None:
+                    if not _only_feeds(writer.site.node, user):
+                        return None, f"the output of {writer.name} is used outside the residual stream"
+                    stream.writers.append(writer)
+                elif other not in members and _through(other, PASS_THROUGH) not in members:
+                    return None, f"the residual stream is added to {other} (not a linear's output)"
+            else:
+                return None, f"the residual stream feeds {user.format_node()} (only adds, RMSNorms and casts rotate)"
+            members.add(user)
+            frontier.append(user)
+    for norm in stream.norms:
+        readers = _readers(norm.output, linears)
+        if readers is None:
+            return None, f"the RMSNorm output {norm.output} feeds something other than linear layers' inputs"
+        stream.readers += [(reader, norm) for reader in readers]
+    if not stream.readers or not stream.writers:
+        return None, "no RMSNorm → linear readers or linear writers on the residual stream"
+    widths = {meta_value(p.site.node).shape[-1] for p in stream.embeddings}
+    if len(widths) != 1:
+        return None, f"embeddings of different widths {sorted(widths)} start the stream"
+    stream.width = widths.pop()
+    stream.mlp_writers = [w for w in stream.writers if not _fed_by_attention(w.site.operands[0], by_node)]
+    return stream, None
+
+
+def _only_feeds(node: fx.Node, target: fx.Node) -> bool:
+    """Every use of ``node`` reaches ``target`` through pass-through ops only."""
+    return all(user is target or ((_is(user, PASS_THROUGH) or _is_inactive_dropout(user)) and _only_feeds(user, target))
+               for user in node.users)
+
+
+def _scalar_other(node: fx.Node, x: fx.Node) -> bool:
+    return all(a is x or isinstance(a, (int, float)) for a in node.args)
+
+
+def _readers(output: fx.Node, linears: dict) -> list[SitePlan] | None:
+    readers = []
+    for user in output.users:
+        if _is(user, PASS_THROUGH):
+            inner = _readers(user, linears)
+            if inner is None:
+                return None
+            readers += inner
+        elif user in linears and matmul_operands(user, "linear")[0][0] is output:
+            readers.append(linears[user])
+        else:
+            return None
+    return readers
+
+
+def _fed_by_attention(node, by_node: dict, depth: int = 8) -> bool:
+    """The linear's input comes, through reshapes and casts, from an attention site."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return False
+        plan = by_node.get(node)
+        if plan is not None:
+            return plan.site.kind in ATTENTION_KINDS
+        if node.op != "call_function" and node.op != "call_method" or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+# ---- rewriting ---------------------------------------------------------------------------------
+
+
+def _rotate(graph: fx.Graph, x, rotation: Rotation, axis: int) -> fx.Node:
+    return graph.call_function(torch.ops.qpass.rotate, (x, rotation.to_json(), axis, False))
+
+
+def rotate_residual_stream(gm: fx.GraphModule, plans: list[SitePlan], rotation: Rotation, parameters) -> str:
+    """Rotate the graph's residual stream by ``rotation`` (full size, falling back to a block that
+    divides the width); returns what was done, or why the graph was left as is."""
+    stream, why = find_stream(plans, parameters)
+    if stream is None:
+        return f"residual-stream rotation not applied: {why}"
+    rotation, fallback = resolve(rotation, stream.width)
+    if stream.width % (rotation.block or stream.width):
+        # Padding would change RMSNorm's mean over the width: only an exact rotation will do.
+        return (f"residual-stream rotation not applied: no Hadamard rotation fits the stream width "
+                f"{stream.width} (blocks {BLOCK_SIZES} do not divide it)")
+    graph = gm.graph
+    for plan in stream.embeddings:
+        node, (table,) = plan.site.node, plan.site.operands
+        with graph.inserting_before(node):
+            node.replace_input_with(table, _rotate(graph, table, rotation, -1))
+        plan.notes.append(f"residual: table rotated ({rotation})")
+    for plan in stream.writers:
+        node = plan.site.node
+        (_, weight), _ = matmul_operands(node, "linear")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            node.replace_input_with(weight, _rotate(graph, weight, rotation, 0))
+            if isinstance(bias, fx.Node):
+                node.replace_input_with(bias, _rotate(graph, bias, rotation, -1))
+        plan.notes.append("residual: writes the rotated stream")
+    for plan, norm in stream.readers:
+        node = plan.site.node
+        (_, weight), _ = matmul_operands(node, "linear")
+        with graph.inserting_before(node):
+            folded = weight if norm.weight is None else graph.call_function(operator.mul, (weight, norm.weight))
+            node.replace_input_with(weight, _rotate(graph, folded, rotation, -1))
+        plan.notes.append("residual: reads the rotated stream" + (", norm weight folded in" if norm.weight is not None else ""))
+    for norm in stream.norms:  # γ now lives in the readers' weights
+        if norm.weight_mul is not None:
+            other = next(a for a in norm.weight_mul.args if a is not norm.weight)
+            norm.weight_mul.replace_all_uses_with(other)
+            graph.erase_node(norm.weight_mul)
+        elif norm.fused is not None and norm.weight is not None:
+            norm.fused.replace_input_with(norm.weight, None)
+    for plan in stream.mlp_writers:
+        _online_rotation(plan)
+    graph.lint()
+    gm.recompile()
+    return (f"residual stream of width {stream.width} rotated by {rotation}{f' ({fallback})' if fallback else ''}: "
+            f"{len(stream.norms)} RMSNorms folded, {len(stream.readers)} readers, {len(stream.writers)} writers")
+
+
+def _online_rotation(plan: SitePlan) -> None:
+    """A full-size Hadamard on the forward GEMM of an MLP's output projection (QuaRot's online one)."""
+    if plan.excluded is not None:
+        return
+    product = plan.products[0]
+    q = product.quantizers
+    if q.a is None and q.b is None:
+        return
+    k = plan.site.reduction
+    rotation, fallback = resolve(Rotation(None), k) if k is not None else (Rotation(32), "K is not static")
+    plan.products = (replace(product, quantizers=replace(q, rotation=rotation)),)
+    plan.notes.append(f"residual: online {rotation} on the input" + (f" ({fallback})" if fallback else ""))
