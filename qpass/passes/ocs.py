@@ -11,43 +11,62 @@ column may be split again) shrinks the range the quantizer has to cover.
 - Input-driven, after :func:`qpass.calibrate`: channels are chosen by the input's calibrated
   per-channel max and the input's columns are halved instead (inference recipes).
 
-In the graph both sides are one gather (``index_select``) and a per-column multiply, placed right
-before the site's quantizers. The split weight is computed from the parameter, so a training
+In the graph each side is one call of a :class:`ChannelSplit` method, a gather (``index_select``)
+and a per-column multiply, right before the site's quantizers. The split weight is computed from the parameter, so a training
 recipe's gradients reach the original weight, and a weight loaded later is split the same way.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, fx
 
 from qpass.formats.api import quantization_step
-from qpass.passes.plan import SitePlan
+from qpass.passes.plan import SitePlan, split_width
 from qpass.passes.sites import matmul_operands, weight_value
 from qpass.quantizer import Quantizer
 
 
 @dataclass
 class ChannelSplit:
-    """Column ``j`` of the split operands carries ``fractions[j]`` of input channel ``channels[j]``."""
+    """Column ``j`` of the split operands carries ``fractions[j]`` of input channel ``channels[j]``.
 
-    channels: Tensor  # int64 [K + extra]
-    fractions: Tensor  # [K + extra], powers of two that sum to 1 per channel
+    Python lists, not tensors: the graph calls the methods below, and a traced call turns lists
+    into graph constants where captured tensors would not be allowed."""
+
+    channels: list[int]  # [K + extra]
+    fractions: list[float]  # [K + extra], powers of two that sum to 1 per channel
     halved: str  # "weight" or "input": the operand whose columns are scaled by the fractions
-    # The quantization-aware ±Δ/4 (weight-driven only): added to the weight's ``offset_columns``.
-    offsets: Tensor | None = None  # [N, 2 · pairs]
-    offset_columns: Tensor | None = None  # int64 [2 · pairs]
+    # Quantization-aware (weight-driven only): the pairs of equal halves, nudged apart by ±Δ/4 for
+    # this quantizer, Δ taken from the weight at each call so a trained weight stays split well.
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    quantizer: Quantizer | None = None
 
     @property
     def extra(self) -> int:
-        return len(self.channels) - int(self.channels.max()) - 1
+        return len(self.channels) - max(self.channels) - 1
+
+    # What the rewritten graph calls.
+
+    def split_input(self, x: Tensor) -> Tensor:
+        x = x.index_select(-1, torch.tensor(self.channels, device=x.device))
+        return x * torch.tensor(self.fractions, dtype=x.dtype, device=x.device) if self.halved == "input" else x
+
+    def split_weight(self, weight: Tensor) -> Tensor:
+        weight = weight.index_select(-1, torch.tensor(self.channels, device=weight.device))
+        if self.halved == "weight":
+            weight = weight * torch.tensor(self.fractions, dtype=weight.dtype, device=weight.device)
+        if self.quantizer is None or not self.pairs:
+            return weight
+        first, second = torch.tensor(self.pairs, device=weight.device).unbind(1)
+        quarter = quantization_step(weight.detach(), self.quantizer.spec, axis=-1).index_select(-1, first) / 4
+        return weight.index_add(-1, first, -quarter).index_add(-1, second, quarter)
 
 
-def greedy_split(channel_max: Tensor, extra: int) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+def greedy_split(channel_max: Tensor, extra: int) -> tuple[list[int], list[float], list[tuple[int, int]]]:
     """Split the column with the largest max ``extra`` times: (channels, fractions, pairs), where
     ``pairs`` are the (column, new column) of each split, in order."""
     channels = list(range(len(channel_max)))
@@ -62,49 +81,21 @@ def greedy_split(channel_max: Tensor, extra: int) -> tuple[Tensor, Tensor, list[
         channels.append(channels[column])
         fractions.append(fractions[column])
         current = torch.cat((current, current[column : column + 1]))
-    return torch.tensor(channels), torch.tensor(fractions, dtype=torch.float64), pairs
-
-
-def extra_channels(ratio: float, k: int) -> int:
-    return math.ceil(ratio * k)
+    return channels, fractions, pairs
 
 
 def split_by_weight(weight: Tensor, ratio: float, quantizer: Quantizer | None) -> ChannelSplit:
     """Weight-driven, quantization-aware for ``quantizer`` (plain halves when it is None)."""
-    weight = weight.detach().double()
-    channels, fractions, pairs = greedy_split(weight.abs().amax(0), extra_channels(ratio, weight.shape[1]))
-    if quantizer is None:
-        return ChannelSplit(channels, fractions, "weight")
-    halves = weight[:, channels] * fractions
-    step = quantization_step(halves.float(), quantizer.spec, axis=-1).double()
-    # Only pairs that were not split again are still equal halves: nudge them apart.
-    final = torch.tensor([p for p in pairs if fractions[p[0]] == fractions[p[1]]], dtype=torch.long).reshape(-1, 2)
-    quarter = step[:, final[:, 0]] / 4
-    offsets = torch.cat((-quarter, quarter), dim=1)
-    return ChannelSplit(channels, fractions, "weight", offsets, torch.cat((final[:, 0], final[:, 1])))
+    channels, fractions, pairs = greedy_split(weight.detach().abs().amax(0), split_width(ratio, weight.shape[1]) - weight.shape[1])
+    # Only pairs that were not split again are still equal halves.
+    final = [(a, b) for a, b in pairs if fractions[a] == fractions[b]]
+    return ChannelSplit(channels, fractions, "weight", final if quantizer else [], quantizer)
 
 
 def split_by_input(input_max: Tensor, ratio: float) -> ChannelSplit:
     """Input-driven, from calibrated per-channel maxima of the site's input."""
-    channels, fractions, _ = greedy_split(input_max, extra_channels(ratio, len(input_max)))
+    channels, fractions, _ = greedy_split(input_max, split_width(ratio, len(input_max)) - len(input_max))
     return ChannelSplit(channels, fractions, "input")
-
-
-# ---- what the rewritten graph calls ------------------------------------------------------------
-
-
-def split_input(x: Tensor, channels: Tensor, fractions: Tensor | None) -> Tensor:
-    x = x.index_select(-1, channels)
-    return x if fractions is None else x * fractions.to(x.dtype)
-
-
-def split_weight(
-    weight: Tensor, channels: Tensor, fractions: Tensor | None, offsets: Tensor | None, offset_columns: Tensor | None
-) -> Tensor:
-    weight = weight.index_select(-1, channels)
-    if fractions is not None:
-        weight = weight * fractions.to(weight.dtype)
-    return weight if offsets is None else weight.index_add(-1, offset_columns, offsets.to(weight.dtype))
 
 
 # ---- the pass ----------------------------------------------------------------------------------
@@ -131,21 +122,9 @@ def split_channels(
         (x, w), _ = matmul_operands(node, "linear")
         weight = weight_value(w, parameters)
         split = plan_split(plan, weight, calibration.get(plan.name))
-        constants = {
-            "channels": split.channels, "fractions": split.fractions, "offsets": split.offsets,
-            "offset_columns": split.offset_columns,
-        }
         with gm.graph.inserting_before(node):
-            got = {
-                key: _constant(gm, f"{plan.name}.ocs.{key}", value, weight)
-                for key, value in constants.items() if value is not None
-            }
-            input_fractions = got["fractions"] if split.halved == "input" else None
-            weight_fractions = got["fractions"] if split.halved == "weight" else None
-            new_x = gm.graph.call_function(split_input, (x, got["channels"], input_fractions))
-            new_w = gm.graph.call_function(
-                split_weight, (w, got["channels"], weight_fractions, got.get("offsets"), got.get("offset_columns"))
-            )
+            new_x = gm.graph.call_function(split.split_input, (x,))
+            new_w = gm.graph.call_function(split.split_weight, (w,))
         node.replace_input_with(x, new_x)
         node.replace_input_with(w, new_w)
         plan.extra_channels = split.extra
@@ -154,14 +133,6 @@ def split_channels(
     gm.graph.lint()
     gm.recompile()
     return splits
-
-
-def _constant(gm: fx.GraphModule, name: str, value: Tensor, like: Tensor) -> fx.Node:
-    """A get_attr of ``value`` (floats in ``like``'s dtype, on its device), registered on ``gm``."""
-    value = value.to(like.device, like.dtype if value.is_floating_point() else value.dtype)
-    attribute = "_qpass_" + name.replace(".", "_")
-    gm.register_buffer(attribute, value, persistent=False)
-    return gm.graph.get_attr(attribute)
 
 
 def insert_observers(gm: fx.GraphModule, plans: list[SitePlan], observe: Callable[[str, Tensor], None]) -> None:

@@ -106,6 +106,11 @@ def _rotation_for(rotation: Rotation, length: int | None) -> tuple[Rotation, str
     return rotation, None
 
 
+def split_width(ocs: float | None, k: int | None) -> int | None:
+    """K once outlier channel splitting with expand ratio ``ocs`` added its ``ceil(ocs · K)`` channels."""
+    return k if k is None or ocs is None else k + math.ceil(ocs * k)
+
+
 def _static(size) -> int | None:
     return size if isinstance(size, int) else None
 
@@ -172,7 +177,7 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
     ocs = site_recipe.ocs if site.kind == "linear" else None
     if ocs is not None:  # the split adds input channels: the forward's K grows
         m, k, n = dims[0]
-        dims = [(m, None if k is None else k + math.ceil(ocs * k), n)]
+        dims = [(m, split_width(ocs, k), n)]
     planned = [product_plan(site_recipe, r, d) for r, d in zip(roles, dims)]
     products = tuple(p for p, _ in planned)
     if not any(p.formats() for p in products):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qpass.passes.plan import SitePlan
+from qpass.passes.plan import SitePlan, split_width
 from qpass.passes.sites import ATTENTION_KINDS, _is, matmul_operands, meta_value
 from qpass.rotation import BLOCK_SIZES, Rotation, resolve
 
@@ -62,9 +62,25 @@ class Stream:
     width: int = 0
 
 
-def _through(node: fx.Node, ops: tuple) -> fx.Node:
-    """Back from ``node`` through ``ops`` (first arguments) to what they pass on."""
-    while _is(node, ops) or _is_inactive_dropout(node):
+def _keeps_last_axis(node) -> bool:
+    """Indexing that leaves the last axis whole (``h[:, -1:, :]``, HF's ``logits_to_keep``)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return False
+    value, index = meta_value(node.args[0]), node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    if value is None or any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in index):
+        return False
+    return len(index) < value.ndim or index[-1] == slice(None)
+
+
+def _commutes(node) -> bool:
+    """``node`` passes its first argument on in a way that commutes with rotating the last axis."""
+    return isinstance(node, fx.Node) and (_is(node, PASS_THROUGH) or _is_inactive_dropout(node) or _keeps_last_axis(node))
+
+
+def _source(node):
+    """Back from ``node`` through ops that commute with the rotation, to what they pass on."""
+    while _commutes(node):
         node = node.args[0]
     return node
 
@@ -133,16 +149,16 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
         for user in node.users:
             if user in handled or user in members:
                 continue
-            if _is(user, PASS_THROUGH) or _is_inactive_dropout(user) or (_is(user, MUL) and _scalar_other(user, node)):
+            if _commutes(user) or (_is(user, MUL) and _scalar_other(user, node)):
                 pass
             elif _is(user, ADD):
                 other = next((a for a in user.args if a is not node), node)
-                writer = linears.get(_through(other, PASS_THROUGH)) if isinstance(other, fx.Node) else None
+                writer = linears.get(_source(other)) if isinstance(other, fx.Node) else None
                 if writer is not None:
                     if not _only_feeds(writer.site.node, user):
                         return None, f"the output of {writer.name} is used outside the residual stream"
                     stream.writers.append(writer)
-                elif other not in members and _through(other, PASS_THROUGH) not in members:
+                elif other not in members and _source(other) not in members:
                     return None, f"the residual stream is added to {other} (not a linear's output)"
             else:
                 return None, f"the residual stream feeds {user.format_node()} (only adds, RMSNorms and casts rotate)"
@@ -165,8 +181,7 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
 
 def _only_feeds(node: fx.Node, target: fx.Node) -> bool:
     """Every use of ``node`` reaches ``target`` through pass-through ops only."""
-    return all(user is target or ((_is(user, PASS_THROUGH) or _is_inactive_dropout(user)) and _only_feeds(user, target))
-               for user in node.users)
+    return all(user is target or (_commutes(user) and _only_feeds(user, target)) for user in node.users)
 
 
 def _scalar_other(node: fx.Node, x: fx.Node) -> bool:
@@ -176,7 +191,7 @@ def _scalar_other(node: fx.Node, x: fx.Node) -> bool:
 def _readers(output: fx.Node, linears: dict) -> list[SitePlan] | None:
     readers = []
     for user in output.users:
-        if _is(user, PASS_THROUGH):
+        if _commutes(user):
             inner = _readers(user, linears)
             if inner is None:
                 return None
@@ -265,7 +280,7 @@ def _online_rotation(plan: SitePlan) -> None:
     q = product.quantizers
     if q.a is None and q.b is None:
         return
-    k = plan.site.reduction
+    k = split_width(plan.ocs, plan.site.reduction)
     rotation, fallback = resolve(Rotation(None), k) if k is not None else (Rotation(32), "K is not static")
     plan.products = (replace(product, quantizers=replace(q, rotation=rotation)),)
     plan.notes.append(f"residual: online {rotation} on the input" + (f" ({fallback})" if fallback else ""))
