@@ -1,13 +1,14 @@
 """Outlier channel splitting (Zhao et al., ICML 2019): trade a few extra MACs for a smaller range.
 
-For a linear site ``Y = X · Wᵀ``, the input channel ``c`` with the largest magnitude is split in
+For a site ``Y = X · Wᵀ`` (a linear layer, or a matmul/addmm of an input and a 2-D weight), the input channel ``c`` with the largest magnitude is split in
 two: one operand's column ``c`` is halved and appended again, the other operand's column ``c`` is
 duplicated, and the product is unchanged. Repeating this ``ceil(ratio · K)`` times (a split
 column may be split again) shrinks the range the quantizer has to cover.
 
 - Weight-driven (the default): the weight's columns are halved, the input's duplicated. The split
-  is quantization-aware: a pair of halves ``w/2`` would round the same way, so they become
-  ``w/2 − Δ/4`` and ``w/2 + Δ/4`` (Δ the quantizer's grid step at ``w/2``), which still sum to ``w``.
+  is quantization-aware: a pair of halves ``w/2`` would round the same way, so where that rounding
+  is more than Δ/4 off (Δ the quantizer's grid step at ``w/2``) they become ``w/2 − Δ/4`` and
+  ``w/2 + Δ/4``, which round to the two neighbours and still sum to ``w``.
 - Input-driven, after :func:`qpass.calibrate`: channels are chosen by the input's calibrated
   per-channel max and the input's columns are halved instead (inference recipes).
 
@@ -44,6 +45,7 @@ class ChannelSplit:
     # this quantizer, Δ taken from the weight at each call so a trained weight stays split well.
     pairs: list[tuple[int, int]] = field(default_factory=list)
     quantizer: Quantizer | None = None
+    weight_axis: int = -1  # the weight's input-channel axis: -1 for a linear's [N, K], -2 for B [K, N]
 
     @property
     def extra(self) -> int:
@@ -56,13 +58,23 @@ class ChannelSplit:
         return x * torch.tensor(self.fractions, dtype=x.dtype, device=x.device) if self.halved == "input" else x
 
     def split_weight(self, weight: Tensor) -> Tensor:
+        return self._split_weight(weight.movedim(self.weight_axis, -1)).movedim(-1, self.weight_axis)
+
+    def _split_weight(self, weight: Tensor) -> Tensor:
+        """``weight`` with its input channels last."""
         weight = weight.index_select(-1, torch.tensor(self.channels, device=weight.device))
         if self.halved == "weight":
             weight = weight * torch.tensor(self.fractions, dtype=weight.dtype, device=weight.device)
         if self.quantizer is None or not self.pairs:
             return weight
         first, second = torch.tensor(self.pairs, device=weight.device).unbind(1)
-        quarter = quantization_step(weight.detach(), self.quantizer.spec, axis=-1).index_select(-1, first) / 4
+        halves = weight.detach().index_select(-1, first)
+        spec = self.quantizer.spec
+        quarter = quantization_step(weight.detach(), spec, axis=-1).index_select(-1, first) / 4
+        # Only halves that round badly (more than Δ/4 off) are nudged: one lands on each neighbour.
+        # A half on the grid stays, or the nudge could move the scale that the largest one sets.
+        error = (self.quantizer(weight.detach().float(), -1).index_select(-1, first) - halves.float()).abs()
+        quarter = torch.where(error > quarter.float(), quarter, 0.0).to(weight.dtype)
         return weight.index_add(-1, first, -quarter).index_add(-1, second, quarter)
 
 
@@ -85,7 +97,8 @@ def greedy_split(channel_max: Tensor, extra: int) -> tuple[list[int], list[float
 
 
 def split_by_weight(weight: Tensor, ratio: float, quantizer: Quantizer | None) -> ChannelSplit:
-    """Weight-driven, quantization-aware for ``quantizer`` (plain halves when it is None)."""
+    """Weight-driven, quantization-aware for ``quantizer`` (plain halves when it is None); ``weight``
+    is ``[N, K]``."""
     channels, fractions, pairs = greedy_split(weight.detach().abs().amax(0), split_width(ratio, weight.shape[1]) - weight.shape[1])
     # Only pairs that were not split again are still equal halves.
     final = [(a, b) for a, b in pairs if fractions[a] == fractions[b]]
@@ -119,9 +132,11 @@ def split_channels(
         if plan.excluded is not None or plan.ocs is None:
             continue
         node = plan.site.node
-        (x, w), _ = matmul_operands(node, "linear")
+        (x, w), _ = matmul_operands(node, plan.site.kind)
         weight = weight_value(w, parameters)
-        split = plan_split(plan, weight, calibration.get(plan.name))
+        linear = plan.site.kind == "linear"
+        split = plan_split(plan, weight if linear else weight.mT, calibration.get(plan.name))
+        split.weight_axis = -1 if linear else -2
         with gm.graph.inserting_before(node):
             new_x = gm.graph.call_function(split.split_input, (x,))
             new_w = gm.graph.call_function(split.split_weight, (w,))
@@ -142,7 +157,7 @@ def insert_observers(gm: fx.GraphModule, plans: list[SitePlan], observe: Callabl
         if plan.excluded is not None or plan.ocs is None:
             continue
         node = plan.site.node
-        (x, _), _ = matmul_operands(node, "linear")
+        (x, _), _ = matmul_operands(node, plan.site.kind)
         with gm.graph.inserting_before(node):
             seen = gm.graph.call_function(_observer(plan.name, observe), (x,))
         node.replace_input_with(x, seen)

@@ -106,6 +106,14 @@ def _rotation_for(rotation: Rotation, length: int | None) -> tuple[Rotation, str
     return rotation, None
 
 
+def splittable(site: Site) -> bool:
+    """Outlier channel splitting applies to an input times a 2-D weight (a linear layer, GPT-2's Conv1D)."""
+    weight = meta_value(site.operands[1]) if len(site.operands) == 2 else None
+    return site.roles == ("input", "weight") and site.kind in ("linear", "matmul", "mm", "addmm") and (
+        weight is not None and weight.ndim == 2
+    )
+
+
 def split_width(ocs: float | None, k: int | None) -> int | None:
     """K once outlier channel splitting with expand ratio ``ocs`` added its ``ceil(ocs · K)`` channels."""
     return k if k is None or ocs is None else k + math.ceil(ocs * k)
@@ -174,7 +182,7 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
     site_recipe = recipe.with_overrides(**changes) if changes else recipe
     roles = (("q", "k"), ("p", "v")) if site.kind == "sdpa" else (site.roles,)
     dims = product_dims(site)
-    ocs = site_recipe.ocs if site.kind == "linear" else None
+    ocs = site_recipe.ocs if splittable(site) else None
     if ocs is not None:  # the split adds input channels: the forward's K grows
         m, k, n = dims[0]
         dims = [(m, split_width(ocs, k), n)]

@@ -19,6 +19,7 @@ from module names: :func:`find_stream` says why a graph does not match, and then
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -284,3 +285,5 @@ def _online_rotation(plan: SitePlan) -> None:
     rotation, fallback = resolve(Rotation(None), k) if k is not None else (Rotation(32), "K is not static")
     plan.products = (replace(product, quantizers=replace(q, rotation=rotation)),)
     plan.notes.append(f"residual: online {rotation} on the input" + (f" ({fallback})" if fallback else ""))
+    if fallback:
+        warnings.warn(f"qpass: site {plan.name!r}: online rotation: {fallback}", stacklevel=2)

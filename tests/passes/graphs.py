@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 
+import qpass.ops
 from qpass.compile import _dynamo_parameters
 
 
@@ -25,3 +28,19 @@ def capture(module: torch.nn.Module, *inputs) -> tuple[fx.GraphModule, set[fx.No
 
 def count_calls(gm: fx.GraphModule, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+@contextlib.contextmanager
+def quantization_off():
+    """The quantized graph's ops with every quantizer the identity (rotations still applied), in the
+    input's own dtype: what is left is the transforms, which must preserve the function exactly."""
+    def identity(quantizer, x, axis, state="", rotation=None):
+        x = x.detach()
+        return x.clone() if rotation is None else rotation(x, axis)
+
+    original = qpass.ops._quantize
+    qpass.ops._quantize = identity
+    try:
+        yield
+    finally:
+        qpass.ops._quantize = original
