@@ -1,0 +1,102 @@
+"""The accuracy effect of outlier channel splitting and Hadamard rotation, measured.
+
+One linear layer (K = 512, N = 256, M = 256 tokens) with 8 planted outlier input channels at 20x
+(in the weight, or in the input), compiled under W4A4 MXFP4 and FP8 with and without each pass;
+QSNR of the output against the float layer. ``python tests/test_outliers.py`` prints the table that
+docs/rotation.md shows.
+
+Margins. In MXFP4 an outlier of 20x sets its 32-element block's shared scale about 4 binades
+(log2 20) above the others' need, so the block's other 31 elements keep about 1 of their 3 bits:
+a block in 8 per row of K carries most of the error. Halving the outlier (OCS) or spreading it over
+32 elements (Hadamard) brings that block back, which on this layer is worth 1.9-2.8 dB (measured
+over seeds 0-3: OCS on weight outliers 2.5-2.8, Hadamard on input outliers 2.1-2.7 and on weight
+outliers 1.9-2.6). We assert 1 dB: a clear, seed-robust improvement, well beyond the 0.1 dB the
+passes change the no-outlier case by. FP8 (E4M3, per-token/per-channel
+scales) spans 2^15 within one scale, so 20x outliers cost it nothing to begin with; there the
+assertion is that this is so, and that the passes cost under 1.5 dB (a rotation turns the layer's
+heavy-tailed values Gaussian, which costs E4M3's log grid about 1 dB: measured and reported).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import qpass
+
+K, N, M, OUTLIERS, FACTOR = 512, 256, 256, 8, 20.0
+CASES = ("none", "weight outliers", "input outliers")
+TRANSFORMS = {"plain": dict(hadamard=None), "ocs 0.02": dict(hadamard=None, ocs=0.02),
+              "hadamard block32": dict(hadamard="block32")}
+RECIPES = ("mxfp4-infer", "fp8-infer")
+
+
+def layer_and_input(case: str, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(K, N, bias=False)
+    x = torch.randn(M, K, generator=generator)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(N, K, generator=generator))
+        channels = torch.randperm(K, generator=generator)[:OUTLIERS]
+        if case == "weight outliers":
+            layer.weight[:, channels] *= FACTOR
+        if case == "input outliers":
+            x[:, channels] *= FACTOR
+    return nn.Sequential(layer), x
+
+
+@functools.lru_cache(maxsize=None)
+def measured_qsnr(case: str, recipe: str, transform: str, seed: int = 0) -> float:
+    model, x = layer_and_input(case, seed)
+    torch.compiler.reset()
+    qm = qpass.compile(copy.deepcopy(model), recipe, backend="aot_eager", **TRANSFORMS[transform])
+    with torch.no_grad():
+        return qpass.qsnr(model(x), qm(x))
+
+
+def gain(case, recipe, transform, seed=0) -> float:
+    return measured_qsnr(case, recipe, transform, seed) - measured_qsnr(case, recipe, "plain", seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ocs_recovers_weight_outliers_in_mxfp4(seed):
+    assert gain("weight outliers", "mxfp4-infer", "ocs 0.02", seed) > 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hadamard_recovers_outliers_in_mxfp4(seed):
+    assert gain("input outliers", "mxfp4-infer", "hadamard block32", seed) > 1.0
+    assert gain("weight outliers", "mxfp4-infer", "hadamard block32", seed) > 1.0
+
+
+def test_outliers_are_what_the_passes_fix():
+    # Without outliers neither pass changes MXFP4's QSNR by more than noise.
+    for transform in ("ocs 0.02", "hadamard block32"):
+        assert abs(gain("none", "mxfp4-infer", transform)) < 0.3
+    # The outliers cost MXFP4 over 1.5 dB to begin with.
+    assert measured_qsnr("none", "mxfp4-infer", "plain") > measured_qsnr("weight outliers", "mxfp4-infer", "plain") + 1.5
+
+
+def test_fp8_does_not_suffer_from_outliers():
+    for case in ("weight outliers", "input outliers"):
+        assert measured_qsnr(case, "fp8-infer", "plain") > measured_qsnr("none", "fp8-infer", "plain") - 0.5
+        for transform in ("ocs 0.02", "hadamard block32"):
+            assert gain(case, "fp8-infer", transform) > -1.5
+
+
+def table() -> str:
+    lines = ["| case | recipe | " + " | ".join(TRANSFORMS) + " |", "|---|---|" + "---:|" * len(TRANSFORMS)]
+    for case in CASES:
+        for recipe in RECIPES:
+            values = " | ".join(f"{measured_qsnr(case, recipe, t):.2f}" for t in TRANSFORMS)
+            lines.append(f"| {case} | {recipe} | {values} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(print(table()))
