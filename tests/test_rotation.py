@@ -1,6 +1,8 @@
 """Rotations: the Rotation config, the ``qpass::rotate`` op, rotated GEMMs in ``quantized_matmul``
 (SPEC section 6 with each GEMM's operands rotated along its own reduction axis), recipe wiring."""
 
+import copy
+
 import pytest
 import torch
 from spec6 import assert_same, fq
@@ -104,7 +106,7 @@ def rotated_oracle(a, b, dy, q: MatmulQuantizers, specs):
     {"rotation": Rotation(32), "da_rotation": Rotation(None), "db_rotation": Rotation(16)},
 ])
 def test_quantized_matmul_rotates_each_gemm_along_its_own_axis(rotations):
-    specs = dict.fromkeys(("a", "b", "da_grad", "da_b", "db_grad", "db_a"), {"format": "mxfp4"})
+    specs = {key: {"format": "mxfp4"} for key in ("a", "b", "da_grad", "da_b", "db_grad", "db_a")}
     q = MatmulQuantizers(**{k: Quantizer(**v) for k, v in specs.items()}, **rotations)
     a = adversarial(2, 6, 40, seed=0).requires_grad_()  # K = 40 and M = 12: padded blocks
     w = adversarial(64, 40, seed=1).requires_grad_()
@@ -140,3 +142,13 @@ def test_a_rule_changes_one_site_rotation():
     report = qpass.report(qm)
     assert report["0"]["formats"]["fprop.input"] == "mxfp8_e4m3"
     assert report["2"]["formats"]["fprop.input"] == "mxfp8_e4m3+hadamard-block64"
+
+
+def test_an_unknown_full_size_warns_naming_the_site_and_stays_exact():
+    layer = torch.nn.Sequential(torch.nn.Linear(944, 8))  # 944 = 16 · 59: no Hadamard of 944 is known
+    x = torch.randn(3, 944)
+    qm = qpass.compile(copy.deepcopy(layer), "mxfp8-infer", backend="aot_eager", hadamard="full")
+    with pytest.warns(UserWarning, match="site '0': fprop: no full-size Hadamard of size 944 is known: using 16-point"):
+        y = qm(x)
+    assert qpass.report(qm)["0"]["formats"]["fprop.weight"] == "mxfp8_e4m3+hadamard-block16"
+    assert qpass.qsnr(layer(x), y) > 25
