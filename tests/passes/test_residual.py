@@ -182,3 +182,12 @@ def test_a_stream_that_leaves_the_graph_is_left_alone():
 
     report = assert_preserved(ReturnsHidden().double(), "mxfp4-infer", ids(), lambda out: out[0], hadamard="residual")
     assert "not applied: the residual stream feeds return (linear_10, h_4)" in report.notes[0]
+
+
+def test_the_export_path_runs_the_same_passes():
+    model = TinyLlama().double()
+    program = qpass.export(model, (ids(),), recipe="mxfp4-infer", hadamard=["residual", "block32"], ocs=0.05)
+    targets = [n.target for n in program.graph.nodes]
+    assert torch.ops.qpass.rotate.default in targets and torch.ops.aten.index_select.default in targets
+    with quantization_off():
+        torch.testing.assert_close(program.module()(ids()), model(ids()), atol=1e-12, rtol=1e-12)
