@@ -42,12 +42,11 @@ from torch import fx, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qpass  # noqa: E402
+from results import write_section  # noqa: E402
 from qpass.compile import _dynamo_parameters  # noqa: E402
 from qpass.passes import quantize_graph  # noqa: E402
 from qpass.recipes import get_recipe  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-MARK_BEGIN, MARK_END = "<!-- compile_overhead:begin -->", "<!-- compile_overhead:end -->"
 PASS_RECIPE = "mxfp8-train"
 STEP_RECIPES = ("mxfp8-train", "fp8-train")  # the first is the one with a goal
 PASS_GOAL_S = 1.0  # passes on the 32-layer graph
@@ -461,22 +460,11 @@ def main() -> None:
         "",
     ]
     if not args.no_write:
-        _write_results("\n".join(section))
+        write_section("compile_overhead", "Compile and step overhead (bench/compile_overhead.py)", "\n".join(section))
 
 
 def _load() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
-
-
-def _write_results(body: str) -> None:
-    section = f"{MARK_BEGIN}\n## Compile and step overhead (bench/compile_overhead.py)\n\n{body}{MARK_END}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END) + "\n?", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:  # a blank line between this section and the one before it
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

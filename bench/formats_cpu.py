@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qpass  # noqa: E402
+from results import write_section  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-MARK_BEGIN, MARK_END = "<!-- formats_cpu:begin -->", "<!-- formats_cpu:end -->"
 
 MX_ELEMENTS = {  # qpass name -> torchao elem_dtype
     "mxfp8_e4m3": torch.float8_e4m3fn,
@@ -111,7 +109,7 @@ def main() -> None:
     )
     table = header + "\n".join(_row(r) for r in rows) + "\n"
     if not args.no_write:
-        _write_results(table)
+        write_section("formats_cpu", "Format throughput on the CPU (bench/formats_cpu.py)", table)
 
 
 def _row(row) -> str:
@@ -119,14 +117,6 @@ def _row(row) -> str:
     if not theirs:
         return f"| {name} | {ours:.1f} | n/a (torchao has no {name}) | - |"
     return f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |"
-
-
-def _write_results(table: str) -> None:
-    section = f"{MARK_BEGIN}\n## Format throughput on the CPU (bench/formats_cpu.py)\n\n{table}{MARK_END}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END) + "\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + section
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ class QpassState(_Namespace):
     def restart(self, *, observe=None, calibration: dict | None = None) -> None:
         """Forget the captured graphs (the model's next call captures them afresh) and set what
         the next captures use: an observer while calibrating, or calibration statistics."""
-        self.plans, self.notes, self.graphs_captured, self.checked = {}, [], 0, False
+        self.plans, self.notes, self.graphs_captured = {}, [], 0
+        self.checked = observe is not None  # the first-call checks are for the quantized graphs
         self.observe = observe
         if calibration is not None:
             self.calibration = calibration
