@@ -99,7 +99,8 @@ def greedy_split(channel_max: Tensor, extra: int) -> tuple[list[int], list[float
 def split_by_weight(weight: Tensor, ratio: float, quantizer: Quantizer | None) -> ChannelSplit:
     """Weight-driven, quantization-aware for ``quantizer`` (plain halves when it is None); ``weight``
     is ``[N, K]``."""
-    channels, fractions, pairs = greedy_split(weight.detach().abs().amax(0), split_width(ratio, weight.shape[1]) - weight.shape[1])
+    k = weight.shape[1]
+    channels, fractions, pairs = greedy_split(weight.detach().abs().amax(0), split_width(ratio, k) - k)
     # Only pairs that were not split again are still equal halves.
     final = [(a, b) for a, b in pairs if fractions[a] == fractions[b]]
     return ChannelSplit(channels, fractions, "weight", final if quantizer else [], quantizer)
