@@ -460,7 +460,8 @@ def main() -> None:
         "",
     ]
     if not args.no_write:
-        write_section("compile_overhead", "Compile and step overhead (bench/compile_overhead.py)", "\n".join(section))
+        title = "Compile and step overhead (bench/compile_overhead.py)"
+        write_section("compile_overhead", title, "\n".join(section))
 
 
 def _load() -> str:

@@ -300,7 +300,8 @@ def main() -> None:
     with demo.intra_op_threads(args.threads):
         section = run_all(args)
     if not (args.no_write or args.quick):  # a smoke run's numbers do not belong in RESULTS.md
-        write_section("rotation_ppl", "MXFP4 perplexity with rotations and OCS (bench/rotation_ppl.py)", "\n".join(section))
+        title = "MXFP4 perplexity with rotations and OCS (bench/rotation_ppl.py)"
+        write_section("rotation_ppl", title, "\n".join(section))
 
 
 def run_all(args: argparse.Namespace) -> list[str]:

@@ -9,18 +9,18 @@ ops of :mod:`qpass.ops` carry it, which keeps the ops self-describing in exporte
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from qpass.formats import FormatSpec, fake_quantize, resolve_format
 from qpass.formats.delayed import DelayedScaling
 from qpass.formats.rounding import check_rounding
+from qpass.jsontuple import JsonTuple
 
 
 @dataclass(frozen=True)
-class Quantizer:
+class Quantizer(JsonTuple):
     format: str
     granularity: str | tuple[str, int] | None = None  # fp8/fp6/fp4 absmax formats only
     scale_mode: str | None = None  # MX formats only
@@ -51,18 +51,6 @@ class Quantizer:
 
     def __call__(self, x: torch.Tensor, axis: int, delayed: DelayedScaling | None = None) -> torch.Tensor:
         return fake_quantize(x, self.spec, axis, rounding=self.rounding, delayed=delayed)
-
-    def to_json(self) -> str:
-        return self._json
-
-    @functools.cached_property
-    def _json(self) -> str:  # graphs and ops ask for it at every site
-        return json.dumps(astuple(self))
-
-    @staticmethod
-    @functools.lru_cache(maxsize=None)
-    def from_json(text: str) -> Quantizer:
-        return Quantizer(*json.loads(text))
 
     def __str__(self) -> str:
         spec = self.spec

@@ -14,14 +14,14 @@ whether to rotate a Llama-style residual stream (:mod:`qpass.passes.residual`).
 from __future__ import annotations
 
 import functools
-import json
 import math
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from qpass.hadamard import hadamard_size_supported, hadamard_transform, random_signs
+from qpass.jsontuple import JsonTuple
 
 BLOCK_SIZES = (16, 32, 64, 128)
 GEMMS = ("fprop", "dgrad", "wgrad")
@@ -29,7 +29,7 @@ NAMES = (*(f"block{size}" for size in BLOCK_SIZES), "full", "residual")
 
 
 @dataclass(frozen=True)
-class Rotation:
+class Rotation(JsonTuple):
     block: int | None = 32  # None: one Hadamard of the whole axis
     seed: int | None = None  # a random ±1 sign vector from this seed
     signs: tuple[int, ...] | None = None  # or this sign vector (one block's length)
@@ -62,7 +62,9 @@ class Rotation:
         """The rotated length: ``length`` rounded up to a whole number of blocks."""
         return length if self.block is None else math.ceil(length / self.block) * self.block
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019 -- rotations are few and live as long as recipes
     def sign_vector(self, length: int) -> Tensor | None:
+        """The ±1 vector applied before the Hadamard (one block's, or the whole axis' when full)."""
         if self.signs is not None:
             return torch.tensor(self.signs, dtype=torch.float32)
         return None if self.seed is None else random_signs(self.block or length, self.seed)
@@ -77,31 +79,27 @@ class Rotation:
         out = hadamard_transform(x, self.block, None if signs is None else signs.to(x.device), inverse=inverse)
         return out.movedim(-1, axis)
 
-    def to_json(self) -> str:
-        return json.dumps(astuple(self))
-
-    @staticmethod
-    @functools.lru_cache(maxsize=None)
-    def from_json(text: str) -> Rotation:
-        return Rotation(*json.loads(text))
-
     def __str__(self) -> str:
         name = "full" if self.block is None else f"block{self.block}"
         sign = f", seed={self.seed}" if self.seed is not None else (", signs" if self.signs else "")
         return f"hadamard-{name}{sign}"
 
 
-def resolve(rotation: Rotation, length: int) -> tuple[Rotation, str | None]:
-    """``rotation`` for an axis of ``length``, and a warning when it cannot be applied as asked.
+def resolve(rotation: Rotation, length: int | None) -> tuple[Rotation, str | None]:
+    """``rotation`` for an axis of ``length`` (None: not static), and a warning when it cannot be
+    applied as asked.
 
     A full-size rotation of a length with no known Hadamard matrix falls back to the largest block
-    that divides it (or, with none, to 32-point blocks of the zero-padded axis)."""
-    if rotation.block is not None or hadamard_size_supported(length):
+    that divides it, or, with none (or no static length, like a weight gradient's tokens), to
+    32-point blocks of the zero-padded axis."""
+    if rotation.block is not None or (length is not None and hadamard_size_supported(length)):
         return rotation, None
-    block = next((size for size in reversed(BLOCK_SIZES) if length % size == 0), 32)
-    signs = rotation.signs[:block] if rotation.signs else None
-    fallback = Rotation(block, rotation.seed, signs)
-    padding = "" if length % block == 0 else f" of the zero-padded axis ({fallback.padded(length)})"
+    divides = [size for size in BLOCK_SIZES if length is not None and length % size == 0]
+    block = divides[-1] if divides else 32
+    fallback = Rotation(block, rotation.seed, rotation.signs[:block] if rotation.signs else None)
+    if length is None:
+        return fallback, "the reduction length is not static: using 32-point blocks of the zero-padded axis"
+    padding = "" if divides else f" of the zero-padded axis ({fallback.padded(length)})"
     return fallback, f"no full-size Hadamard of size {length} is known: using {block}-point blocks{padding}"
 
 

@@ -143,7 +143,6 @@ def split_channels(
             new_w = gm.graph.call_function(split.split_weight, (w,))
         node.replace_input_with(x, new_x)
         node.replace_input_with(w, new_w)
-        plan.extra_channels = split.extra
         plan.notes.append(f"ocs: {split.extra} extra input channels, split by {split.halved}")
         splits[plan.name] = split
     gm.graph.lint()

@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 from qpass.ops import MatmulQuantizers
 from qpass.passes.sites import ATTENTION_KINDS, Site, meta_value
 from qpass.recipes import Recipe
-from qpass.rotation import Rotation, resolve
+from qpass.rotation import resolve
 
 MIN_REDUCTION = 32  # SPEC section 8: matmuls with K < 32 are excluded by default
 
@@ -60,12 +60,17 @@ class SitePlan:
     products: tuple[ProductPlan, ...] = ()  # (A·B,) for matmuls, (Q·Kᵀ, P·V) for sdpa
     excluded: str | None = None  # the reason, for qpass.report
     ocs: float | None = None  # the expand ratio of outlier channel splitting, if planned
-    extra_channels: int = 0  # the input channels that splitting added
     notes: list[str] = field(default_factory=list)  # what the passes did or could not do, for qpass.report
 
     @property
     def name(self) -> str:
         return self.site.name
+
+    @property
+    def extra_channels(self) -> int:
+        """The input channels that outlier channel splitting adds."""
+        k = self.site.reduction
+        return 0 if k is None else split_width(self.ocs, k) - k
 
 
 def _recipe_role(site_role: str) -> str:
@@ -92,18 +97,9 @@ def product_plan(recipe: Recipe, roles: tuple[str, str], dims: Dims = (None, Non
     for slot, (gemm, length, *operands) in gemms.items():
         rotation = getattr(recipe.hadamard, gemm)
         if rotation is not None and any(q[o] is not None for o in operands):
-            q[slot], warning = _rotation_for(rotation, length)
+            q[slot], warning = resolve(rotation, length)
             warned += [f"{gemm}: {warning}"] if warning else []
     return ProductPlan(roles, MatmulQuantizers(**q)), warned
-
-
-def _rotation_for(rotation: Rotation, length: int | None) -> tuple[Rotation, str | None]:
-    if length is not None:
-        return resolve(rotation, length)
-    if rotation.block is None:  # e.g. a weight gradient's M, the tokens of a dynamic batch
-        fallback = Rotation(32, rotation.seed, rotation.signs[:32] if rotation.signs else None)
-        return fallback, "the reduction length is not static: using 32-point blocks of the zero-padded axis"
-    return rotation, None
 
 
 def splittable(site: Site) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from qpass.passes.plan import SitePlan, split_width
-from qpass.passes.sites import ATTENTION_KINDS, _is, matmul_operands, meta_value
+from qpass.passes.sites import ATTENTION_KINDS, is_op, matmul_operands, meta_value
 from qpass.rotation import BLOCK_SIZES, Rotation, resolve
 
 aten = torch.ops.aten
@@ -76,7 +76,7 @@ def _keeps_last_axis(node) -> bool:
 
 def _commutes(node) -> bool:
     """``node`` passes its first argument on in a way that commutes with rotating the last axis."""
-    return isinstance(node, fx.Node) and (_is(node, PASS_THROUGH) or _is_inactive_dropout(node) or _keeps_last_axis(node))
+    return isinstance(node, fx.Node) and (is_op(node, PASS_THROUGH) or _is_inactive_dropout(node) or _keeps_last_axis(node))
 
 
 def _source(node):
@@ -88,7 +88,7 @@ def _source(node):
 
 def _is_inactive_dropout(node) -> bool:
     """Dropout that is the identity (eval mode, or p = 0): it commutes with any rotation."""
-    if not isinstance(node, fx.Node) or not _is(node, DROPOUT):
+    if not isinstance(node, fx.Node) or not is_op(node, DROPOUT):
         return False
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
@@ -99,24 +99,24 @@ def _match_norm(x: fx.Node, parameters) -> Norm | None:
     """The RMSNorm that starts at stream node ``x``: ``x · rsqrt(mean(x², -1) + eps)`` (times γ), or
     ``F.rms_norm(x, (d,), γ)``."""
     for user in x.users:
-        if _is(user, RMS_NORM) and user.args[0] is x:
+        if is_op(user, RMS_NORM) and user.args[0] is x:
             weight = user.args[2] if len(user.args) > 2 else user.kwargs.get("weight")
             return Norm(user, weight, None, fused=user)
-        if not (_is(user, POW) and user.args[1] == 2):
+        if not (is_op(user, POW) and user.args[1] == 2):
             continue
         mean = next(iter(user.users), None)
-        add = next(iter(mean.users), None) if mean is not None and _is(mean, MEAN) else None
-        rsqrt = next(iter(add.users), None) if add is not None and _is(add, ADD) else None
-        if rsqrt is None or not _is(rsqrt, RSQRT):
+        add = next(iter(mean.users), None) if mean is not None and is_op(mean, MEAN) else None
+        rsqrt = next(iter(add.users), None) if add is not None and is_op(add, ADD) else None
+        if rsqrt is None or not is_op(rsqrt, RSQRT):
             continue
-        normalized = next((n for n in rsqrt.users if _is(n, MUL) and x in n.args), None)
+        normalized = next((n for n in rsqrt.users if is_op(n, MUL) and x in n.args), None)
         if normalized is None:
             continue
         out = normalized
-        while len(out.users) == 1 and _is(next(iter(out.users)), PASS_THROUGH):
+        while len(out.users) == 1 and is_op(next(iter(out.users)), PASS_THROUGH):
             out = next(iter(out.users))
         scale = next(iter(out.users)) if len(out.users) == 1 else None
-        if scale is not None and _is(scale, MUL):
+        if scale is not None and is_op(scale, MUL):
             weight = next((a for a in scale.args if a is not out), None)
             if weight in parameters:
                 return Norm(scale, weight, scale)
@@ -128,7 +128,7 @@ def _norm_nodes(norm: Norm, x: fx.Node) -> set[fx.Node]:
     """The norm's own users of ``x`` (the square and the normalizing product)."""
     if norm.fused is not None:
         return {norm.fused}
-    return {u for u in x.users if _is(u, POW) or (_is(u, MUL) and any(_is(a, RSQRT) for a in u.args))}
+    return {u for u in x.users if is_op(u, POW) or (is_op(u, MUL) and any(is_op(a, RSQRT) for a in u.args))}
 
 
 def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str | None]:
@@ -150,9 +150,9 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
         for user in node.users:
             if user in handled or user in members:
                 continue
-            if _commutes(user) or (_is(user, MUL) and _scalar_other(user, node)):
+            if _commutes(user) or (is_op(user, MUL) and _scalar_other(user, node)):
                 pass
-            elif _is(user, ADD):
+            elif is_op(user, ADD):
                 other = next((a for a in user.args if a is not node), node)
                 writer = linears.get(_source(other)) if isinstance(other, fx.Node) else None
                 if writer is not None:
@@ -282,7 +282,7 @@ def _online_rotation(plan: SitePlan) -> None:
     if q.a is None and q.b is None:
         return
     k = split_width(plan.ocs, plan.site.reduction)
-    rotation, fallback = resolve(Rotation(None), k) if k is not None else (Rotation(32), "K is not static")
+    rotation, fallback = resolve(Rotation(None), k)
     plan.products = (replace(product, quantizers=replace(q, rotation=rotation)),)
     plan.notes.append(f"residual: online {rotation} on the input" + (f" ({fallback})" if fallback else ""))
     if fallback:

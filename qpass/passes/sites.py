@@ -64,12 +64,12 @@ def op_kind(node: fx.Node) -> str | None:
     if node.op not in ("call_function", "call_method"):
         return None
     for kind, targets in OP_KINDS.items():
-        if _is(node, targets):
+        if is_op(node, targets):
             return kind
     return None
 
 
-def _is(node: fx.Node, targets: tuple) -> bool:
+def is_op(node: fx.Node, targets: tuple) -> bool:
     if node.op == "call_function":
         return any(node.target is t for t in targets if not isinstance(t, str))
     return node.op == "call_method" and node.target in targets
@@ -110,7 +110,7 @@ def source_parameter(node, parameters: dict[fx.Node, torch.Tensor]) -> fx.Node |
     while isinstance(node, fx.Node):
         if node in parameters:
             return node
-        if not (_is(node, VIEWS) or _is_transpose_attribute(node)) or not node.args:
+        if not (is_op(node, VIEWS) or _is_transpose_attribute(node)) or not node.args:
             return None
         node = node.args[0]
     return None
@@ -194,7 +194,7 @@ def _search(node: fx.Node, found, through: tuple, neighbours, depth: int) -> fx.
         for candidate in frontier:
             if found(candidate):
                 return candidate
-        frontier = [m for n in frontier if _is(n, through) for m in neighbours(n)]
+        frontier = [m for n in frontier if is_op(n, through) for m in neighbours(n)]
     return None
 
 
@@ -208,7 +208,7 @@ def _downstream(node: fx.Node, found, through: tuple, depth: int = 4) -> fx.Node
 
 def _derives_from(node, origin: fx.Node, through: tuple) -> bool:
     """``node`` is ``origin`` or reached from it by first-argument hops through ``through`` ops."""
-    while isinstance(node, fx.Node) and node is not origin and _is(node, through):
+    while isinstance(node, fx.Node) and node is not origin and is_op(node, through):
         node = node.args[0]
     return node is origin
 
@@ -218,7 +218,7 @@ def _mark_attention(graph: fx.Graph, sites: dict[fx.Node, Site]) -> None:
     def is_pair_matmul(n):
         return n in sites and sites[n].kind in ("matmul", "bmm") and sites[n].roles == ("input", "input")
 
-    for softmax in [n for n in graph.nodes if _is(n, SOFTMAX)]:
+    for softmax in [n for n in graph.nodes if is_op(n, SOFTMAX)]:
         qk = _upstream(softmax, is_pair_matmul, SCORE_OPS)
         pv = _downstream(
             softmax,
@@ -256,7 +256,7 @@ def _mark_traits(sites: dict[fx.Node, Site]) -> None:
         last_onto_vocabulary = site is matmuls[-1] and vocabulary is not None and _out_features(site) == vocabulary
         if tied or last_onto_vocabulary:
             site.traits.add("output_projection")
-        if _downstream(site.node, lambda n: _is(n, TOPK), ROUTER_OPS) is not None:
+        if _downstream(site.node, lambda n: is_op(n, TOPK), ROUTER_OPS) is not None:
             site.traits.add("router")
 
 
