@@ -4,6 +4,7 @@ from qpass import ops  # noqa: F401 -- registers the qpass:: custom ops
 from qpass.calibrate import calibrate
 from qpass.compile import compile, export
 from qpass.formats import (
+    DGE,
     DelayedScaling,
     FormatSpec,
     QTensor,
@@ -20,6 +21,7 @@ from qpass.rotation import Hadamard, Rotation
 __version__ = "0.1.0"
 
 __all__ = [
+    "DGE",
     "DelayedScaling",
     "FormatSpec",
     "Hadamard",

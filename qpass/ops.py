@@ -30,12 +30,21 @@ from qpass.rotation import Rotation
 from qpass.state import delayed_state
 
 
-def _quantize(quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "", rotation: Rotation | None = None) -> Tensor:
-    """fp32 fake-quantized ``x``, rotated first if asked (``x`` in fp32 when the role stays in high precision)."""
+def _quantize(
+    quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "", rotation: Rotation | None = None,
+    signs: Tensor | None = None,
+) -> Tensor:
+    """fp32 fake-quantized ``x``, rotated first if asked (``x`` in fp32 when the role stays in high
+    precision); ``signs`` are the signs drawn for this GEMM when its rotation is resampled."""
     x = x.detach().float()
     if rotation is not None:
-        x = rotation(x, axis)
+        x = rotation(x, axis, signs=signs)
     return x if quantizer is None else quantizer(x, axis, delayed_state(state, x.device))
+
+
+def _draw_signs(rotation: Rotation | None, length: int) -> Tensor | None:
+    """One GEMM's fresh signs, shared by its two operands so that their rotations cancel."""
+    return rotation.draw_signs(length) if rotation is not None and rotation.resample else None
 
 
 # ---- rotation ------------------------------------------------------------------------------------
@@ -84,11 +93,19 @@ def _(x, quantizer, axis, state=""):
     return x.new_empty(x.shape)
 
 
-def _straight_through(ctx, grad):
+def _save_for_estimator(ctx, inputs, output):
+    x, ctx.quantizer, ctx.axis, _ = inputs
+    ctx.save_for_backward(x if Quantizer.from_json(ctx.quantizer).dge else None)
+
+
+def _estimated_gradient(ctx, grad):
+    # Straight through, unless the quantizer's differentiable gradient estimator reshapes it.
+    (x,) = ctx.saved_tensors
+    grad = grad if x is None else Quantizer.from_json(ctx.quantizer).gradient(grad, x, ctx.axis)
     return grad, None, None, None
 
 
-quantize_dequantize.register_autograd(_straight_through)
+quantize_dequantize.register_autograd(_estimated_gradient, setup_context=_save_for_estimator)
 
 
 # ---- quantized matmul ----------------------------------------------------------------------------
@@ -102,6 +119,8 @@ class MatmulQuantizers:
     ``db_grad``, ``db_a``: dY and A in the GEMM that gives dB. ``rotation``, ``da_rotation``,
     ``db_rotation``: the Hadamard rotation of both operands of each GEMM along its reduction axis.
     The ``*_state`` fields name delayed-scaling states (:mod:`qpass.state`) of per-tensor operands.
+    ``reuse_forward``: the backward GEMMs take A and B as the forward quantized them (FP4 training,
+    arXiv 2501.17116) instead of requantizing them along their own axes.
     """
 
     a: Quantizer | None = None
@@ -116,6 +135,7 @@ class MatmulQuantizers:
     rotation: Rotation | None = None
     da_rotation: Rotation | None = None
     db_rotation: Rotation | None = None
+    reuse_forward: bool = False
 
     def __post_init__(self) -> None:
         # A delayed-scaling state records one amax per step: its operand must be quantized once.
@@ -131,14 +151,19 @@ class MatmulQuantizers:
 
     # An operand rotated in either of its GEMMs differs between them: each rotates its own axis.
 
+    def _hoists(self, forward: Quantizer | None, backward: Quantizer | None, backward_rotation: Rotation | None) -> bool:
+        if forward is None or self.rotation is not None:
+            return False
+        return self.reuse_forward or (self._same_per_tensor(forward, backward) and backward_rotation is None)
+
     @property
     def hoists_a(self) -> bool:
         """A is quantized identically in both its GEMMs, so once, before the product (and saved so)."""
-        return self._same_per_tensor(self.a, self.db_a) and self.rotation is self.db_rotation is None
+        return self._hoists(self.a, self.db_a, self.db_rotation)
 
     @property
     def hoists_b(self) -> bool:
-        return self._same_per_tensor(self.b, self.da_b) and self.rotation is self.da_rotation is None
+        return self._hoists(self.b, self.da_b, self.da_rotation)
 
     @property
     def shares_grad(self) -> bool:
@@ -189,22 +214,28 @@ def quantized_matmul_backward(
 
     When B is a matrix shared by every batch entry (a linear layer's weight), M is all of A's
     leading dimensions flattened; otherwise each batch entry has its own M. Gradients not needed
-    come back empty.
+    come back empty. An operand whose forward quantizer has a DGE gets its gradient reshaped by it.
+    Random draws (resampled rotation signs, stochastic rounding) come from torch's default
+    generators in this order: a shared dY; dgrad's signs, dY, B; wgrad's signs, dY, A.
     """
     q = MatmulQuantizers.from_json(quantizers)
     shared = _quantize(q.da_grad, grad, -1, q.grad_state) if q.shares_grad else None
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
-        dy = shared if shared is not None else _quantize(q.da_grad, grad, -1, rotation=q.da_rotation)
-        b_n = _quantize(q.da_b, b, -1, rotation=q.da_rotation)
-        grad_a = (dy @ b_n.mT).sum_to_size(a.shape).to(a.dtype).contiguous()
+        signs = _draw_signs(q.da_rotation, grad.shape[-1])
+        dy = shared if shared is not None else _quantize(q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs)
+        b_n = _quantize(q.da_b, b, -1, rotation=q.da_rotation, signs=signs)
+        grad_a = (dy @ b_n.mT).sum_to_size(a.shape)
+        grad_a = (grad_a if q.a is None else q.a.gradient(grad_a, a, -1)).to(a.dtype).contiguous()
     if need_b:
         if b.ndim == 2:
             a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
             shared = shared if shared is None else shared.reshape(grad.shape)
-        dy = shared if shared is not None else _quantize(q.db_grad, grad, -2, rotation=q.db_rotation)
-        a_m = _quantize(q.db_a, a, -2, rotation=q.db_rotation)
-        grad_b = (a_m.mT @ dy).sum_to_size(b.shape).to(b.dtype).contiguous()
+        signs = _draw_signs(q.db_rotation, grad.shape[-2])
+        dy = shared if shared is not None else _quantize(q.db_grad, grad, -2, rotation=q.db_rotation, signs=signs)
+        a_m = _quantize(q.db_a, a, -2, rotation=q.db_rotation, signs=signs)
+        grad_b = (a_m.mT @ dy).sum_to_size(b.shape)
+        grad_b = (grad_b if q.b is None else q.b.gradient(grad_b, b, -2)).to(b.dtype).contiguous()
     return grad_a, grad_b
 
 

@@ -15,6 +15,7 @@ import torch
 
 from qpass.formats import FormatSpec, fake_quantize, resolve_format
 from qpass.formats.delayed import DelayedScaling
+from qpass.formats.dge import DGE, dge_multiplier
 from qpass.formats.rounding import check_rounding
 from qpass.jsontuple import JsonTuple
 
@@ -26,10 +27,15 @@ class Quantizer(JsonTuple):
     scale_mode: str | None = None  # MX formats only
     rounding: str = "rne"
     pow2: bool | None = None  # absmax formats only
+    dge: DGE | None = None  # backward: the differentiable gradient estimator instead of straight-through
 
     def __post_init__(self) -> None:
         if isinstance(self.granularity, list):  # JSON has no tuples
             object.__setattr__(self, "granularity", tuple(self.granularity))
+        if isinstance(self.dge, (list, tuple)):  # JSON holds a dataclass as its fields' values
+            object.__setattr__(self, "dge", DGE(*self.dge))
+        elif isinstance(self.dge, dict):
+            object.__setattr__(self, "dge", DGE(**self.dge))
         spec = self.spec  # validates the options now, with the formats library's messages
         check_rounding(self.rounding)
         # Spell out the defaults, so that equal quantizations compare (and serialize) equal.
@@ -39,6 +45,8 @@ class Quantizer(JsonTuple):
             object.__setattr__(self, "pow2", spec.pow2)
         elif spec.scaling == "mx":
             object.__setattr__(self, "scale_mode", spec.scale_mode)
+        else:  # nvfp4: 1x16 blocks (the default) or 16x16 tiles
+            object.__setattr__(self, "granularity", ("tile", spec.block_size) if spec.granularity == "tile" else None)
 
     @functools.cached_property
     def spec(self) -> FormatSpec:
@@ -52,6 +60,12 @@ class Quantizer(JsonTuple):
     def __call__(self, x: torch.Tensor, axis: int, delayed: DelayedScaling | None = None) -> torch.Tensor:
         return fake_quantize(x, self.spec, axis, rounding=self.rounding, delayed=delayed)
 
+    def gradient(self, grad: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """The gradient of ``x`` from that of its quantized value: straight through, or times the DGE."""
+        if self.dge is None:
+            return grad
+        return (grad.float() * dge_multiplier(x, self.spec, axis, self.dge)).to(grad.dtype)
+
     def __str__(self) -> str:
         spec = self.spec
         options = []
@@ -61,8 +75,12 @@ class Quantizer(JsonTuple):
             options += ["pow2"] if spec.pow2 else []
         if spec.scaling == "mx" and spec.scale_mode != "floor":
             options.append(spec.scale_mode)
+        if spec.scaling == "nvfp4" and spec.granularity == "tile":
+            options.append(f"{spec.block_size}x{spec.block_size}")
         if self.rounding != "rne":
             options.append(self.rounding)
+        if self.dge is not None:
+            options.append("dge" if self.dge == DGE() else f"dge(k={self.dge.k:g}, clamp={self.dge.clamp:g})")
         return f"{spec.name}({', '.join(options)})" if options else spec.name
 
 

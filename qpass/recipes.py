@@ -21,8 +21,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, fields, replace
 
+from qpass.formats.dge import DGE
 from qpass.quantizer import Quantizer, as_quantizer
-from qpass.rotation import Hadamard
+from qpass.rotation import Hadamard, Rotation
 
 GEMM_ROLES: dict[str, tuple[str, str]] = {
     "fprop": ("input", "weight"),
@@ -49,6 +50,12 @@ class Recipe:
     rules: list[tuple[str, dict]] = field(default_factory=list)  # (glob, overrides), later rules win
     hadamard: Hadamard = field(default_factory=Hadamard)  # or any form Hadamard.parse takes
     ocs: float | None = None  # outlier channel splitting: extra input channels per channel
+    # FP4 training (arXiv 2501.17116): the differentiable gradient estimator on the forward's weight
+    # quantization (True: DGE(k=5, clamp=3)); outlier clamping at this per-token quantile, with the
+    # clamped-off residual multiplied in high precision; backward GEMMs on the forward's operands.
+    dge: DGE | bool | None = None
+    occ: float | None = None
+    reuse_forward: bool = False
     description: str = ""
     notes: str = ""  # shown by qpass.report: what the recipe asks for that is not applied yet
 
@@ -69,8 +76,12 @@ class Recipe:
                     f"granularity 'tensor'); recipe {self.name!r} has {', '.join(not_per_tensor)}"
                 )
         self.hadamard = Hadamard.parse(self.hadamard)
-        if self.scaling == "delayed" and any((self.hadamard.fprop, self.hadamard.dgrad, self.hadamard.wgrad)):
+        rotates_gemms = any((self.hadamard.fprop, self.hadamard.dgrad, self.hadamard.wgrad))
+        if self.scaling == "delayed" and rotates_gemms:
             raise ValueError("scaling='delayed' quantizes each operand once for both its GEMMs; a GEMM rotation makes them differ")
+        if self.hadamard.fprop is not None and self.hadamard.fprop.resample:
+            raise ValueError("a resampled rotation (fresh signs per call) applies to the backward GEMMs, dgrad and wgrad")
+        self._check_fp4_training(rotates_gemms)
         if self.ocs is not None and not (isinstance(self.ocs, (int, float)) and 0 < self.ocs <= 1):
             raise ValueError(f"ocs= is an expand ratio in (0, 1] (0.01-0.05 is typical), got {self.ocs!r}")
         if self.attention and self.input is None:
@@ -85,13 +96,35 @@ class Recipe:
             changes = {key: value for key, value in rule[1].items() if key != "exclude"}
             replace(self, rules=[]).with_overrides(**changes)
 
+    def _check_fp4_training(self, rotates_gemms: bool) -> None:
+        self.dge = DGE() if self.dge is True else (self.dge or None)
+        if self.dge is not None and not isinstance(self.dge, DGE):
+            raise TypeError(f"dge= takes True, False/None or a qpass.DGE, got {self.dge!r}")
+        if self.dge is not None and (self.weight is None or self.scaling == "delayed"):
+            raise ValueError("dge= reshapes the weight's gradient with its current-scaled quantizer: it needs weight= and scaling='current'")
+        if self.occ is not None and not (isinstance(self.occ, (int, float)) and 0.5 < self.occ <= 1):
+            raise ValueError(f"occ= is the clamping quantile alpha in (0.5, 1] (0.99 in the paper), got {self.occ!r}")
+        if self.occ is not None and self.input is None:
+            raise ValueError(f"occ= clamps the input before its quantizer; recipe {self.name!r} quantizes no input")
+        if self.reuse_forward:
+            requantized = sorted(set(self.per_gemm) & {"dgrad.weight", "wgrad.input"})
+            if requantized:
+                raise ValueError(f"reuse_forward=True takes the backward's weight and input from the forward, so per_gemm cannot set {requantized}")
+            if rotates_gemms:
+                raise ValueError("reuse_forward=True reuses unrotated forward operands in backward: it cannot be combined with GEMM rotations")
+
     def quantizer(self, gemm: str, role: str) -> Quantizer | None:
         key = f"{gemm}.{role}"
         if key in self.per_gemm:
             return self.per_gemm[key]
         if gemm != "fprop" and not self.quantizes_backward:
             return None  # an inference recipe: backward is the straight-through estimator
-        return getattr(self, role)
+        if self.reuse_forward and (gemm, role) in (("dgrad", "weight"), ("wgrad", "input")):
+            return self.quantizer("fprop", role)
+        quantizer = getattr(self, role)
+        if gemm == "fprop" and role == "weight" and quantizer is not None and self.dge is not None:
+            quantizer = replace(quantizer, dge=self.dge)
+        return quantizer
 
     def quantizers(self) -> list[Quantizer]:
         found = (self.quantizer(gemm, role) for gemm, roles in GEMM_ROLES.items() for role in roles)
@@ -128,7 +161,7 @@ def _map_quantizers(recipe: Recipe, change) -> Recipe:
 
 _FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("name", "per_gemm", "description", "notes"))
 OVERRIDE_KEYS = (*_FIELDS, *GEMM_ROLE_KEYS, "rounding", "scale_mode")
-RULE_KEYS = (*ROLES, *GEMM_ROLE_KEYS, "rounding", "scale_mode", "hadamard", "ocs", "exclude")
+RULE_KEYS = (*ROLES, *GEMM_ROLE_KEYS, "rounding", "scale_mode", "hadamard", "ocs", "dge", "occ", "exclude")
 
 
 def check_override_keys(overrides: dict, valid: tuple[str, ...], what: str) -> None:
@@ -143,6 +176,11 @@ def _all(quantizer: Quantizer) -> dict[str, Quantizer]:
 
 _E4M3, _E5M2 = Quantizer("fp8_e4m3"), Quantizer("fp8_e5m2")
 _PER_CHANNEL_E4M3 = Quantizer("fp8_e4m3", granularity="channel")
+# The sign vector of Transformer Engine's 16-point random Hadamard transform (NVFP4 recipe).
+TE_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+# rceil scales never saturate (the block max lands at or below max normal), which stochastic
+# rounding needs to stay unbiased; a floor scale clips up to a third of the top binade.
+_MXFP4, _MXFP4_SR = Quantizer("mxfp4", scale_mode="rceil"), Quantizer("mxfp4", scale_mode="rceil", rounding="stochastic")
 
 BUILTIN_RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
@@ -158,6 +196,29 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
         Recipe(
             "mxfp6-train", **_all(Quantizer("mxfp6_e3m2")),
             description="MXFP6 E3M2 for every operand of every GEMM (MX paper)",
+        ),
+        Recipe(
+            "fp4-train",
+            input=Quantizer("fp4_e2m1", granularity="channel"),  # per token
+            weight=Quantizer("fp4_e2m1", granularity="channel"),  # per output channel
+            grad_output=_E5M2, dge=True, occ=0.99, reuse_forward=True,
+            description="E2M1 per-token input with outlier clamping (0.99) and compensation, per-channel weight with "
+            "the DGE, E5M2 grad_output; backward on the forward's FP4 operands (arXiv 2501.17116)",
+        ),
+        Recipe(
+            "nvfp4-train",
+            input=Quantizer("nvfp4"), weight=Quantizer("nvfp4", granularity=("tile", 16)),
+            grad_output=Quantizer("nvfp4", rounding="stochastic"),
+            hadamard={"wgrad": Rotation(16, signs=TE_RHT_SIGNS)},
+            description="NVFP4 1x16 input, 16x16 weight, stochastically rounded grad_output; 16-point random Hadamard "
+            "on the wgrad operands (Transformer Engine)",
+        ),
+        Recipe(
+            "mxfp4-train", **_all(_MXFP4),
+            per_gemm={f"{gemm}.{role}": _MXFP4_SR for gemm in ("dgrad", "wgrad") for role in GEMM_ROLES[gemm]},
+            hadamard={"fprop": Rotation(32, seed=0), "dgrad": Rotation(32, resample=True), "wgrad": Rotation(32, resample=True)},
+            description="MXFP4 everywhere with 32-point block Hadamard: fixed signs forward, fresh signs and stochastic "
+            "rounding backward (Quartet)",
         ),
         Recipe(
             "fp8-infer", input=_PER_CHANNEL_E4M3, weight=_PER_CHANNEL_E4M3,

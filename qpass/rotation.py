@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -33,14 +33,17 @@ class Rotation(JsonTuple):
     block: int | None = 32  # None: one Hadamard of the whole axis
     seed: int | None = None  # a random ±1 sign vector from this seed
     signs: tuple[int, ...] | None = None  # or this sign vector (one block's length)
+    # Or fresh random signs at every call, from torch's default CPU generator (Quartet's backward):
+    # the caller draws them once per GEMM (draw_signs) and passes them for both operands.
+    resample: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.signs, list):  # JSON has no tuples
             object.__setattr__(self, "signs", tuple(self.signs))
         if self.block is not None and self.block not in BLOCK_SIZES:
             raise ValueError(f"Hadamard block size {self.block} is not one of {BLOCK_SIZES} (or None for full size)")
-        if self.seed is not None and self.signs is not None:
-            raise ValueError("a Rotation takes seed= (random signs) or signs=, not both")
+        if sum((self.seed is not None, self.signs is not None, self.resample)) > 1:
+            raise ValueError("a Rotation takes one of seed= (fixed random signs), signs= and resample=True")
         if self.signs is not None:
             if set(self.signs) - {1, -1}:
                 raise ValueError(f"signs must be ±1, got {self.signs}")
@@ -69,19 +72,27 @@ class Rotation(JsonTuple):
             return torch.tensor(self.signs, dtype=torch.float32)
         return None if self.seed is None else random_signs(self.block or length, self.seed)
 
-    def __call__(self, x: Tensor, axis: int, inverse: bool = False) -> Tensor:
-        """``x · R`` along ``axis`` (``x · Rᵀ`` for ``inverse``), zero-padding the axis to whole blocks."""
+    def draw_signs(self, length: int) -> Tensor:
+        """A fresh ±1 vector for a ``resample`` rotation of an axis of ``length``."""
+        return torch.randint(0, 2, (self.block or self.padded(length),)).float() * 2 - 1
+
+    def __call__(self, x: Tensor, axis: int, inverse: bool = False, signs: Tensor | None = None) -> Tensor:
+        """``x · R`` along ``axis`` (``x · Rᵀ`` for ``inverse``), zero-padding the axis to whole blocks;
+        ``signs`` are a ``resample`` rotation's signs for this call."""
         x = x.movedim(axis, -1)
         length = x.shape[-1]
         if self.padded(length) != length:
             x = torch.nn.functional.pad(x, (0, self.padded(length) - length))
-        signs = self.sign_vector(length)
+        if self.resample != (signs is not None):
+            raise ValueError("signs= are given for a resample=True rotation (from draw_signs), and only for one")
+        signs = self.sign_vector(length) if signs is None else signs
         out = hadamard_transform(x, self.block, None if signs is None else signs.to(x.device), inverse=inverse)
         return out.movedim(-1, axis)
 
     def __str__(self) -> str:
         name = "full" if self.block is None else f"block{self.block}"
         sign = f", seed={self.seed}" if self.seed is not None else (", signs" if self.signs else "")
+        sign += ", resampled" if self.resample else ""
         return f"hadamard-{name}{sign}"
 
 
@@ -96,7 +107,7 @@ def resolve(rotation: Rotation, length: int | None) -> tuple[Rotation, str | Non
         return rotation, None
     divides = [size for size in BLOCK_SIZES if length is not None and length % size == 0]
     block = divides[-1] if divides else 32
-    fallback = Rotation(block, rotation.seed, rotation.signs[:block] if rotation.signs else None)
+    fallback = replace(rotation, block=block, signs=rotation.signs[:block] if rotation.signs else None)
     if length is None:
         return fallback, "the reduction length is not static: using 32-point blocks of the zero-padded axis"
     padding = "" if divides else f" of the zero-padded axis ({fallback.padded(length)})"

@@ -5,7 +5,7 @@ import pytest
 import qpass
 from qpass import Quantizer, Recipe, get_recipe
 
-SPEC_RECIPES = ["fp8-train", "mxfp8-train", "mxfp6-train", "fp8-infer", "mxfp8-infer", "mxfp6-infer",
+SPEC_RECIPES = ["fp8-train", "mxfp8-train", "mxfp6-train", "fp4-train", "nvfp4-train", "mxfp4-train", "fp8-infer", "mxfp8-infer", "mxfp6-infer",
                 "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only"]
 
 
@@ -20,6 +20,9 @@ def test_builtin_recipes_are_the_spec_ones():
     ("fp8-infer", {"input": "fp8_e4m3(channel)", "weight": "fp8_e4m3(channel)", "grad_output": "None"}),
     ("nvfp4-infer", {"input": "nvfp4", "weight": "nvfp4", "grad_output": "None"}),
     ("mxfp4-weight-only", {"input": "None", "weight": "mxfp4", "grad_output": "None"}),
+    ("fp4-train", {"input": "fp4_e2m1(channel)", "weight": "fp4_e2m1(channel)", "grad_output": "fp8_e5m2"}),
+    ("nvfp4-train", {"input": "nvfp4", "weight": "nvfp4(16x16)", "grad_output": "nvfp4(stochastic)"}),
+    ("mxfp4-train", dict.fromkeys(("input", "weight", "grad_output"), "mxfp4(rceil)")),
 ])
 def test_recipe_roles(name, roles):
     recipe = get_recipe(name)
@@ -63,7 +66,42 @@ def test_a_custom_recipe():
     assert recipe.weight == Quantizer("mxfp4", scale_mode="rceil") and recipe.quantizes_backward
 
 
+def test_fp4_train_is_dge_occ_and_the_forwards_operands_in_backward():
+    recipe = get_recipe("fp4-train")
+    assert (recipe.dge, recipe.occ, recipe.reuse_forward) == (qpass.DGE(k=5, clamp=3), 0.99, True)
+    assert str(recipe.quantizer("fprop", "weight")) == "fp4_e2m1(channel, dge)"
+    assert recipe.quantizer("dgrad", "weight") == recipe.quantizer("fprop", "weight")
+    assert recipe.quantizer("wgrad", "input") == recipe.input
+    assert recipe.quantizer("wgrad", "grad_output") == Quantizer("fp8_e5m2")
+    ablation = recipe.with_overrides(dge=False, occ=None)
+    assert (ablation.dge, ablation.occ) == (None, None) and str(ablation.quantizer("fprop", "weight")) == "fp4_e2m1(channel)"
+    assert recipe.with_overrides(dge=qpass.DGE(k=3)).quantizer("fprop", "weight").dge.k == 3
+
+
+def test_nvfp4_and_mxfp4_train_rotations():
+    nvfp4 = get_recipe("nvfp4-train").hadamard
+    assert nvfp4.fprop is nvfp4.dgrad is None
+    assert nvfp4.wgrad.signs == (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+    mxfp4 = get_recipe("mxfp4-train")
+    assert mxfp4.hadamard.fprop == qpass.Rotation(32, seed=0)
+    assert mxfp4.hadamard.dgrad == mxfp4.hadamard.wgrad == qpass.Rotation(32, resample=True)
+    backward = [mxfp4.quantizer(gemm, role) for gemm, role in
+                [("dgrad", "grad_output"), ("dgrad", "weight"), ("wgrad", "grad_output"), ("wgrad", "input")]]
+    assert {str(q) for q in backward} == {"mxfp4(rceil, stochastic)"}
+    assert mxfp4.quantizer("fprop", "input").rounding == "rne"
+
+
 @pytest.mark.parametrize("make, error, message", [
+    (lambda: get_recipe("fp4-train").with_overrides(occ=0.3), ValueError, r"quantile alpha in \(0.5, 1\]"),
+    (lambda: get_recipe("mxfp4-weight-only").with_overrides(occ=0.99), ValueError, "quantizes no input"),
+    (lambda: get_recipe("fp8-train").with_overrides(weight=None, dge=True), ValueError, "needs weight="),
+    (lambda: get_recipe("fp8-train").with_overrides(scaling="delayed", dge=True), ValueError, "scaling='current'"),
+    (lambda: get_recipe("fp4-train").with_overrides(dge="yes"), TypeError, "dge= takes"),
+    (lambda: get_recipe("fp4-train").with_overrides(**{"dgrad.weight": "mxfp4"}), ValueError, "cannot set"),
+    (lambda: get_recipe("fp4-train").with_overrides(hadamard="block32"), ValueError, "reuse_forward"),
+    (lambda: get_recipe("fp8-train").with_overrides(hadamard=qpass.Rotation(32, resample=True)), ValueError,
+     "backward GEMMs"),
+    (lambda: qpass.DGE(k=0.5), ValueError, "k must be >= 1"),
     (lambda: get_recipe("fp4"), ValueError, "unknown recipe 'fp4'; expected one of fp8-train, mxfp8-train"),
     (lambda: get_recipe("fp8-train").with_overrides(atention=True), ValueError, r"'atention'; valid keys: input"),
     (lambda: get_recipe("fp8-train").with_overrides(hadamard="block48"), ValueError, "unknown rotation 'block48'; expected one of block16"),

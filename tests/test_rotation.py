@@ -70,8 +70,25 @@ def test_bad_rotations_are_named():
         Rotation(16, signs=(2,) * 16)
     with pytest.raises(ValueError, match="3 signs for a 16-point block"):
         Rotation(16, signs=(1, 1, 1))
-    with pytest.raises(ValueError, match="seed= .* or signs="):
+    with pytest.raises(ValueError, match="one of seed= .*, signs= and resample=True"):
         Rotation(16, seed=1, signs=(1,) * 16)
+    with pytest.raises(ValueError, match="one of seed="):
+        Rotation(16, seed=1, resample=True)
+
+
+def test_a_resampled_rotation_takes_fresh_signs_that_both_operands_share():
+    rotation = Rotation(16, resample=True)
+    torch.manual_seed(0)
+    first, second = rotation.draw_signs(40), rotation.draw_signs(40)
+    assert first.shape == (16,) and set(first.tolist()) <= {-1.0, 1.0} and not torch.equal(first, second)
+    a, b = torch.randn(3, 40, dtype=torch.float64), torch.randn(40, 5, dtype=torch.float64)
+    rotated = rotation(a, -1, signs=first.double()) @ rotation(b, -2, signs=first.double())
+    torch.testing.assert_close(rotated, a @ b)
+    assert torch.equal(rotation(a, -1, signs=first.double()), Rotation(16, signs=tuple(first.int().tolist()))(a, -1))
+    with pytest.raises(ValueError, match="resample=True"):
+        rotation(a, -1)
+    with pytest.raises(ValueError, match="resample=True"):
+        Rotation(16)(a, -1, signs=first)
 
 
 def test_hadamard_forms():

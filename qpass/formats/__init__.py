@@ -5,6 +5,7 @@ Everything else in qpass (graph passes, Triton kernels, ONNX graphs) is tested a
 
 from qpass.formats.api import dequantize, fake_quantize, qsnr, quantize
 from qpass.formats.delayed import DelayedScaling
+from qpass.formats.dge import DGE, dge_multiplier
 from qpass.formats.element import ELEMENT_FORMATS, ElementFormat
 from qpass.formats.qtensor import QTensor
 from qpass.formats.rounding import ROUNDING_MODES, round_to_element
@@ -15,11 +16,13 @@ __all__ = [
     "NAMED_FORMATS",
     "ROUNDING_MODES",
     "SCALE_MODES",
+    "DGE",
     "DelayedScaling",
     "ElementFormat",
     "FormatSpec",
     "QTensor",
     "dequantize",
+    "dge_multiplier",
     "fake_quantize",
     "qsnr",
     "quantize",

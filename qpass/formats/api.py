@@ -13,7 +13,7 @@ from qpass.formats.element import decode, encode
 from qpass.formats.grouping import from_groups, normalize_axis, to_groups
 from qpass.formats.packing import pack_codes, unpack_codes
 from qpass.formats.qtensor import QTensor
-from qpass.formats.rounding import check_rounding, make_generator, round_to_element
+from qpass.formats.rounding import check_rounding, grid_step, make_generator, round_to_element
 from qpass.formats.scaling import GroupScales, absmax_group_scales, compute_scales, stored_decode
 from qpass.formats.spec import FormatSpec, resolve_format
 
@@ -30,7 +30,7 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError("cannot quantize an empty tensor")
 
 
-def _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed) -> tuple[FormatSpec, int]:
+def resolve_arguments(x, format, axis, scale_mode, rounding, granularity, pow2, delayed) -> tuple[FormatSpec, int]:
     """Check every argument before any work: the spec and the non-negative axis."""
     _check_input(x)
     spec = resolve_format(format, granularity, scale_mode, pow2)
@@ -39,7 +39,14 @@ def _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed) 
         raise ValueError(f"delayed scaling needs per-tensor absmax scaling, not {spec.name} ({spec.granularity})")
     if delayed is not None and pow2 is not None:
         raise ValueError("with delayed scaling, set pow2 on the DelayedScaling state, not on the call")
-    return spec, normalize_axis(axis, x.ndim)
+    normalized = normalize_axis(axis, x.ndim)
+    # Tiles span the axis and the other of the last two dims, which to_groups leaves at dim -3.
+    if spec.granularity == "tile" and not (x.ndim >= 2 and normalized >= x.ndim - 2):
+        raise ValueError(
+            f"{spec.name} with granularity ('tile', {spec.block_size}) needs a tensor of at least 2 dims "
+            f"quantized along one of its last two (axis -1 or -2); got shape {tuple(x.shape)}, axis {axis}"
+        )
+    return spec, normalized
 
 
 def _element_values(
@@ -88,8 +95,11 @@ def quantize(
     ``granularity`` ("tensor", "channel" or ("block", k)) and ``pow2`` apply to the fp8/fp6/fp4
     formats; ``scale_mode`` ("floor", "ceil", "even", "rceil") to the MX formats; ``delayed``, a
     :class:`DelayedScaling`, takes a per-tensor scale from its amax history.
+    nvfp4 takes ``granularity=("tile", 16)``: one block scale per 16x16 tile of the last two dims
+    (``axis`` must be one of them; leading dims are batch), stored in the 1x16 layout with each
+    tile's scale repeated on its 16 rows. ``("block", 16)`` is its default.
     """
-    spec, axis = _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
+    spec, axis = resolve_arguments(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
     generator = make_generator(generator, x.device)
     values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
     codes = encode(values, spec.element).reshape(*values.shape[:-2], -1)
@@ -136,7 +146,7 @@ def fake_quantize(
     delayed: DelayedScaling | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x, ...))`` without building codes; the gradient passes straight through."""
-    spec, axis = _resolve(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
+    spec, axis = resolve_arguments(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
     with torch.no_grad():
         generator = make_generator(generator, x.device)
         values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
@@ -145,17 +155,23 @@ def fake_quantize(
     return _StraightThrough.apply(x, out) if x.requires_grad else out
 
 
+def element_magnitudes(x: torch.Tensor, spec: FormatSpec, axis: int) -> tuple[torch.Tensor, GroupScales, int]:
+    """``|x|`` in element units (``[..., G, B]`` groups, scaled as the forward scales them), the
+    scales, and the axis' length: what the grid around each element is measured in."""
+    length = _axis_length(x.shape, axis)
+    groups = to_groups(x.detach().reshape(x.shape or (1,)).float(), axis, spec.padded_length(length), spec.group_size(length))
+    scales = compute_scales(groups, spec)
+    return (groups * scales.encode).abs(), scales, length
+
+
 def quantization_step(
     x: torch.Tensor, format: str | FormatSpec, axis: int = -1, scale_mode: str | None = None, granularity=None,
 ) -> torch.Tensor:
     """The grid step at each element of ``x`` in ``x``'s units: the gap between the representable
     values around it, at the scale its group gets (outlier channel splitting needs it)."""
-    spec, axis = _resolve(x, format, axis, scale_mode, "rne", granularity, None, None)
-    length = _axis_length(x.shape, axis)
-    groups = to_groups(x.detach().reshape(x.shape or (1,)).float(), axis, spec.padded_length(length), spec.group_size(length))
-    scales = compute_scales(groups, spec)
-    magnitude = (groups * scales.encode).abs().clamp(min=spec.element.min_normal)
-    step = torch.exp2(magnitude.log2().floor() - spec.element.mbits) * scales.decode
+    spec, axis = resolve_arguments(x, format, axis, scale_mode, "rne", granularity, None, None)
+    magnitude, scales, length = element_magnitudes(x, spec, axis)
+    step = grid_step(magnitude, spec.element) * scales.decode
     return from_groups(step, axis, length).reshape(x.shape).to(x.dtype)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qpass.formats.bits import F32_EXP_BIAS, F32_EXP_MASK, F32_MANTISSA_BITS
+from qpass.formats.bits import F32_EXP_BIAS, F32_EXP_MASK, F32_MANTISSA_BITS, floor_log2, pow2
 from qpass.formats.element import ElementFormat
 
 ROUNDING_MODES = ("rne", "stochastic", "away")
@@ -38,6 +38,11 @@ def make_generator(seed_or_generator, device: torch.device) -> torch.Generator |
     raise TypeError(
         f"generator must be a torch.Generator, an int seed or None, got {type(seed_or_generator).__name__}"
     )
+
+
+def grid_step(magnitude: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """The grid step at non-negative ``magnitude`` (element units): ``2^(max(floor(log2 m), emin) - mbits)``."""
+    return pow2(floor_log2(magnitude.clamp(min=fmt.min_normal)) - fmt.mbits)
 
 
 def round_to_element(

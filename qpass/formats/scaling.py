@@ -25,7 +25,8 @@ class GroupScales(NamedTuple):
 
 
 def compute_scales(groups: torch.Tensor, spec: FormatSpec) -> GroupScales:
-    """Scales for fp32 ``groups`` shaped ``[..., G, B]``."""
+    """Scales for fp32 ``groups`` shaped ``[..., G, B]`` (NVFP4 tiles: ``[..., R, G, B]``, R the
+    other of the tensor's last two dims)."""
     if spec.scaling == "absmax":
         factor = absmax_encode(group_amax(groups, spec.granularity), spec.element.max_normal, spec.pow2)
         return absmax_group_scales(factor, spec)
@@ -34,7 +35,10 @@ def compute_scales(groups: torch.Tensor, spec: FormatSpec) -> GroupScales:
         return GroupScales(mx.e8m0_encode(codes), mx.e8m0_decode(codes), codes.squeeze(-1))
     if spec.scaling == "nvfp4":
         g = nvfp4.global_scale(group_amax(groups, "tensor"))
-        s_b = nvfp4.block_scales(group_amax(groups, "block"), g)
+        block_amax = group_amax(groups, "block")
+        if spec.granularity == "tile":
+            block_amax = nvfp4.tile_amax(block_amax, spec.block_size)
+        s_b = nvfp4.block_scales(block_amax, g)
         return GroupScales(nvfp4.element_encode(g, s_b), s_b * g, encode(s_b, FP8_E4M3).squeeze(-1), g)
     raise ValueError(f"unknown scaling {spec.scaling!r}")
 

@@ -1,8 +1,9 @@
 """Named formats (SPEC section 5) and the full description of how a tensor is quantized.
 
 A :class:`FormatSpec` is an element format plus its scaling: ``absmax`` scales over a tensor,
-channel or block, OCP MX E8M0 block scales, or NVFP4's two-level scales. :func:`resolve_format`
-turns a user's format name and options into one, and is where bad options are rejected.
+channel or block, OCP MX E8M0 block scales, or NVFP4's two-level scales (per 1x16 block, or per
+16x16 tile of the last two dims: Transformer Engine's weight recipe). :func:`resolve_format` turns
+a user's format name and options into one, and is where bad options are rejected.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ SCALE_MODES = ("floor", "ceil", "even", "rceil")
 GRANULARITIES = ("tensor", "channel", "('block', k)")
 MX_BLOCK = 32
 NVFP4_BLOCK = 16
+# nvfp4's granularities: its default 1x16 blocks, or one scale per 16x16 tile.
+NVFP4_GRANULARITIES = (("block", NVFP4_BLOCK), ("tile", NVFP4_BLOCK))
 E8M0_BITS = 8
 FP32_BITS = 32
 
@@ -24,21 +27,27 @@ class FormatSpec:
     name: str
     element: ElementFormat
     scaling: str  # "absmax" | "mx" | "nvfp4"
-    granularity: str = "tensor"  # "tensor" | "channel" | "block"
-    block_size: int | None = None
+    granularity: str = "tensor"  # "tensor" | "channel" | "block" | "tile" (nvfp4 only)
+    block_size: int | None = None  # block: elements per block; tile: the side of a square tile
     scale_mode: str | None = None  # MX only
     pow2: bool = False  # absmax only: round the encode scale down to a power of two
 
     def padded_length(self, length: int) -> int:
         """The axis length after zero-padding: whole blocks, and even for fp4's two-per-byte packing."""
-        multiple = self.block_size if self.granularity == "block" else 1
+        multiple = self.block_size if self.blocked else 1
         if self.element.bits == 4 and multiple % 2:
             multiple *= 2
         return -(-length // multiple) * multiple
 
     def group_size(self, length: int) -> int:
         """Elements per scaling group along the axis (tensor and channel: the whole padded axis)."""
-        return self.block_size if self.granularity == "block" else self.padded_length(length)
+        return self.block_size if self.blocked else self.padded_length(length)
+
+    @property
+    def blocked(self) -> bool:
+        """Split into blocks along the axis: a tile is a block along the axis that also spans
+        ``block_size`` rows of the other dim."""
+        return self.granularity in ("block", "tile")
 
     def __str__(self) -> str:
         return self.name
@@ -86,9 +95,20 @@ def _parse_granularity(granularity) -> tuple[str, int | None]:
         and granularity[1] > 0
     ):
         return "block", granularity[1]
+    tiles = isinstance(granularity, tuple) and granularity[:1] == ("tile",)
     raise ValueError(
         f"unknown granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)} with k > 0"
+        + ("; ('tile', 16) is for nvfp4 only" if tiles else "")
     )
+
+
+def _parse_nvfp4_granularity(granularity) -> str:
+    if granularity not in NVFP4_GRANULARITIES:
+        raise ValueError(
+            f"unknown granularity {granularity!r} for nvfp4; expected ('block', 16) (1x16 blocks, the "
+            "default) or ('tile', 16) (one scale per 16x16 tile of the tensor's last two dims)"
+        )
+    return granularity[0]
 
 
 def resolve_format(
@@ -106,10 +126,16 @@ def resolve_format(
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(NAMED_FORMATS)}")
 
     if granularity is not None:
-        if spec.scaling != "absmax":
-            raise ValueError(f"{spec.name} fixes its own scaling blocks; granularity= applies to {_formats_with('absmax')}")
-        kind, block = _parse_granularity(granularity)
-        spec = replace(spec, granularity=kind, block_size=block)
+        if spec.scaling == "mx":
+            raise ValueError(
+                f"{spec.name} fixes its own scaling blocks; granularity= applies to {_formats_with('absmax')}"
+                " and to nvfp4 (('block', 16) or ('tile', 16))"
+            )
+        if spec.scaling == "nvfp4":
+            spec = replace(spec, granularity=_parse_nvfp4_granularity(granularity))
+        else:
+            kind, block = _parse_granularity(granularity)
+            spec = replace(spec, granularity=kind, block_size=block)
     if scale_mode is not None:
         if spec.scaling != "mx":
             raise ValueError(f"scale_mode= applies to {_formats_with('mx')}, not {spec.name}")

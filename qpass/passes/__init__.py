@@ -4,6 +4,7 @@
 - :mod:`qpass.passes.plan`: decide each site's quantizers and rotations (or why it is excluded).
 - :mod:`qpass.passes.residual`: rotate a Llama-style residual stream (QuaRot), folding RMSNorms.
 - :mod:`qpass.passes.ocs`: split outlier input channels of linear sites.
+- :mod:`qpass.passes.occ`: clamp outliers out of linear sites' inputs, compensate in high precision.
 - :mod:`qpass.passes.quantize`: rewrite each planned site into its quantized form.
 """
 
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from qpass.passes.occ import clamp_inputs
 from qpass.passes.ocs import insert_observers, split_channels
 from qpass.passes.plan import SitePlan, plan_sites
 from qpass.passes.quantize import NewState, insert_quantizers
@@ -44,5 +46,6 @@ def quantize_graph(
         insert_observers(gm, plans, observe)
         return plans, notes
     split_channels(gm, plans, parameters, calibration or {})
+    clamp_inputs(gm, plans)
     insert_quantizers(gm, plans, new_state)
     return plans, notes

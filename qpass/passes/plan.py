@@ -48,10 +48,12 @@ class ProductPlan:
             f"{grad_a}.grad_output": (q.da_grad, q.da_rotation), f"{grad_a}.{b}": (q.da_b, q.da_rotation),
             f"{grad_b}.grad_output": (q.db_grad, q.db_rotation), f"{grad_b}.{a}": (q.db_a, q.db_rotation),
         }
+        if q.reuse_forward:  # the backward's A and B are the forward's quantized operands
+            slots[f"{grad_a}.{b}"] = slots[f"{grad_b}.{a}"] = (None, None)
         return {
             key: str(value) + ("" if rotation is None else f"+{rotation}")
             for key, (value, rotation) in slots.items() if value is not None
-        }
+        } | ({f"{grad_a}.{b}": f"fprop.{b}", f"{grad_b}.{a}": f"fprop.{a}"} if q.reuse_forward else {})
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SitePlan:
     products: tuple[ProductPlan, ...] = ()  # (A·B,) for matmuls, (Q·Kᵀ, P·V) for sdpa
     excluded: str | None = None  # the reason, for qpass.report
     ocs: float | None = None  # the expand ratio of outlier channel splitting, if planned
+    occ: float | None = None  # the quantile of outlier clamping and compensation, if planned
     notes: list[str] = field(default_factory=list)  # what the passes did or could not do, for qpass.report
 
     @property
@@ -99,11 +102,12 @@ def product_plan(recipe: Recipe, roles: tuple[str, str], dims: Dims = (None, Non
         if rotation is not None and any(q[o] is not None for o in operands):
             q[slot], warning = resolve(rotation, length)
             warned += [f"{gemm}: {warning}"] if warning else []
-    return ProductPlan(roles, MatmulQuantizers(**q)), warned
+    return ProductPlan(roles, MatmulQuantizers(**q, reuse_forward=recipe.reuse_forward)), warned
 
 
-def splittable(site: Site) -> bool:
-    """Outlier channel splitting applies to an input times a 2-D weight (a linear layer, GPT-2's Conv1D)."""
+def input_times_weight(site: Site) -> bool:
+    """An input times a 2-D weight (a linear layer, GPT-2's Conv1D): where outlier channel splitting
+    and outlier clamping apply."""
     weight = meta_value(site.operands[1]) if len(site.operands) == 2 else None
     return site.roles == ("input", "weight") and site.kind in ("linear", "matmul", "mm", "addmm") and (
         weight is not None and weight.ndim == 2
@@ -178,7 +182,7 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
     site_recipe = recipe.with_overrides(**changes) if changes else recipe
     roles = (("q", "k"), ("p", "v")) if site.kind == "sdpa" else (site.roles,)
     dims = product_dims(site)
-    ocs = site_recipe.ocs if splittable(site) else None
+    ocs = site_recipe.ocs if input_times_weight(site) else None
     if ocs is not None:  # the split adds input channels: the forward's K grows
         m, k, n = dims[0]
         dims = [(m, split_width(ocs, k), n)]
@@ -189,7 +193,9 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
     notes = [warning for _, warnings_ in planned for warning in warnings_]
     for note in notes:
         warnings.warn(f"qpass: site {site.name!r}: {note}", stacklevel=2)
-    return SitePlan(site, products, ocs=ocs, notes=notes)
+    # Outlier clamping needs a quantized input and a weight for the high-precision residual product.
+    occ = site_recipe.occ if input_times_weight(site) and products[0].quantizers.a is not None else None
+    return SitePlan(site, products, ocs=ocs, occ=occ, notes=notes)
 
 
 def plan_sites(sites: list[Site], recipe: Recipe, matched_globs: set[str]) -> list[SitePlan]:

@@ -2,7 +2,8 @@
 
 The oracle is the SPEC formula re-implemented here step by step with numpy float32 arithmetic and
 ml_dtypes' RNE casts (float8_e4m3fn for the block scales, float4_e2m1fn for the elements), plus
-a few cases worked out by hand. Everything is compared bit for bit.
+a few cases worked out by hand. Everything is compared bit for bit. 2D blocks (granularity
+("tile", 16)) are checked against ``oracles.nvfp4_tiles``, a loop over the 16x16 tiles.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import pytest
 import torch
 
 import qpass
+from qpass.formats import NAMED_FORMATS, resolve_format
+from qpass.formats.api import quantization_step
+
+import oracles
 
 F32 = np.float32
 FP32_MAX = F32(np.finfo(np.float32).max)
@@ -285,3 +290,207 @@ def test_bf16_dequantize_dtype():
     ref = qpass.quantize(x.float(), "nvfp4")
     assert torch.equal(qt.codes, ref.codes) and torch.equal(qt.scales, ref.scales)
     assert torch.equal(qt.tensor_scale, ref.tensor_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# 2D blocks: granularity ("tile", 16), one E4M3 scale per 16x16 tile of the last two dims
+# (Transformer Engine's NVFP4 weight recipe). The oracle is oracles.nvfp4_tiles, a loop over tiles.
+
+TILE = ("tile", 16)
+
+
+def tile_scale_layout(per_tile: torch.Tensor, shape, axis: int) -> torch.Tensor:
+    """Tile codes ``[..., ceil(M/16), ceil(N/16)]`` in QTensor's 1x16 layout: the quantization axis
+    last, one row per index of the other dim, each tile's scale repeated on its 16 rows."""
+    if axis % len(shape) == len(shape) - 2:
+        per_tile, rows = per_tile.transpose(-1, -2), shape[-1]
+    else:
+        rows = shape[-2]
+    return per_tile.repeat_interleave(16, dim=-2)[..., :rows, :]
+
+
+def check_tiles_against_oracle(x: torch.Tensor, axis: int) -> torch.Tensor:
+    g, tile_codes, codes, deq = oracles.nvfp4_tiles(x.detach().float().numpy())
+    qt = qpass.quantize(x, "nvfp4", axis=axis, granularity=TILE)
+    assert_bits_equal(qt.tensor_scale, torch.tensor(g))
+    assert torch.equal(qt.scales, tile_scale_layout(torch.from_numpy(tile_codes), x.shape, axis))
+    last = torch.from_numpy(codes).movedim(axis, -1)
+    last = torch.cat((last, last.new_zeros(*last.shape[:-1], -last.shape[-1] % 16)), dim=-1)
+    assert torch.equal(qt.codes, last[..., 0::2] | (last[..., 1::2] << 4))  # element 2i in the low nibble
+    expected = torch.from_numpy(deq).to(x.dtype)
+    assert_bits_equal(qpass.dequantize(qt), expected)
+    assert_bits_equal(qpass.fake_quantize(x, "nvfp4", axis=axis, granularity=TILE), expected)
+    return qpass.dequantize(qt)
+
+
+def tiled_heavy_tail(shape, gen):
+    # Normal values times a per-tile magnitude spread over ~10 binades either way, so tile scales
+    # hit both ends of the E4M3 clamp.
+    rows, cols = -(-shape[-2] // 16), -(-shape[-1] // 16)
+    spread = torch.exp(3 * torch.randn((*shape[:-2], rows, cols), generator=gen))
+    spread = spread.repeat_interleave(16, dim=-2).repeat_interleave(16, dim=-1)[..., : shape[-2], : shape[-1]]
+    return torch.randn(shape, generator=gen) * spread
+
+
+TILE_CASES = [
+    # (id, shape, axis, dtype)
+    ("33x50", (33, 50), -1, torch.float32),
+    ("33x50_axis-2", (33, 50), -2, torch.float32),
+    ("3x17x40", (3, 17, 40), -1, torch.float32),
+    ("3x17x40_axis1", (3, 17, 40), 1, torch.float32),
+    ("16x16", (16, 16), -1, torch.float32),
+    ("2x1x20", (2, 1, 20), -1, torch.float32),  # one row: a tile is one 1x16 block
+    ("50x33_bf16_axis-2", (50, 33), -2, torch.bfloat16),
+    ("20x24_fp16", (20, 24), -1, torch.float16),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name, shape, axis, dtype", TILE_CASES, ids=[c[0] for c in TILE_CASES])
+def test_tiles_random_match_oracle(name, shape, axis, dtype, seed):
+    x = tiled_heavy_tail(shape, torch.Generator().manual_seed(seed)).to(dtype)
+    check_tiles_against_oracle(x, axis)
+
+
+def adversarial_tiles() -> torch.Tensor:
+    """A 40x50 tensor (3x4 tiles, the last row and column of tiles partial) with g = 1."""
+    x = torch.zeros(40, 50)
+    # Tile (0, 0): amax 2688 -> g = 1 and s_b = 448 (0x7E) for all 16 rows, so row 5 is quantized
+    # at 1/448: 100 -> 0.22 -> 0; 300 -> 0.67 -> 0.5 -> 224; -700 -> -1.56 -> -1.5 -> -672.
+    x[0, 0] = 2688.0
+    x[5, :3] = torch.tensor([100.0, 300.0, -700.0])
+    # Tile (0, 1): amax 57 -> ratio 9.5, an E4M3 tie: s_b = 10 (0x52). Elements x / 10 (x * 0.1f
+    # rounds back to the exact tie): 25 -> 2.5 -> 2; 35 -> 3.5 -> 4; 50 -> 5 -> 4; -15 -> -1.5;
+    # 2.5 -> 0.25 -> 0; 7.5 -> 0.75 -> 1 (ties to even); 57 -> 5.7 -> 6.
+    x[15, 16] = 57.0
+    x[3, 17:23] = torch.tensor([25.0, 35.0, 50.0, -15.0, 2.5, 7.5])
+    # Tile (0, 2): amax 50.4 -> ratio 8.4 -> s_b = 8 (0x50): 50.4 / 8 = 6.3 saturates to 6 -> 48.
+    x[9, 40] = 50.4
+    # Tile (0, 3), two columns wide: fp32 subnormals -> s_b clamped up to 2^-6 (0x08), elements +-0.
+    x[0, 48], x[1, 49] = 1e-40, -3e-41
+    # Tile (1, 1): ratio below 2^-6 -> s_b = 2^-6, encode 64: 0.05 -> 3.2 -> 3 -> 0.046875;
+    # -0.02 -> -1.28 -> -1.5 -> -0.0234375.  Tile (1, 0) and the others stay all zero.
+    x[20, 16], x[31, 17] = 0.05, -0.02
+    # Tile (2, 2), eight rows high: random values.
+    x[32:, 32:48] = torch.randn(8, 16, generator=torch.Generator().manual_seed(13))
+    return x
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_tiles_adversarial_match_oracle(axis):
+    x = adversarial_tiles()
+    out = check_tiles_against_oracle(x, axis)
+    qt = qpass.quantize(x, "nvfp4", axis=axis, granularity=TILE)
+    assert qt.tensor_scale.item() == 1.0
+    per_tile = qt.scales[::16] if axis == -1 else qt.scales[::16].T  # one row per tile
+    assert per_tile.tolist()[0] == [0x7E, 0x52, 0x50, 0x08]
+    assert out[5, :3].tolist() == [0.0, 224.0, -672.0]
+    assert out[3, 17:23].tolist() == [20.0, 40.0, 40.0, -15.0, 0.0, 10.0] and out[15, 16].item() == 60.0
+    assert out[9, 40].item() == 48.0
+    assert out[0, 48].item() == 0.0 and not out[0, 48].signbit() and out[1, 49].signbit()
+    assert out[20, 16].item() == 0.046875 and out[31, 17].item() == -0.0234375
+    zero_tile = out[16:32, :16]
+    assert torch.equal(zero_tile, torch.zeros(16, 16)) and not zero_tile.signbit().any()
+    # With 1x16 blocks, row 5 gets its own scale (700 / 6 -> 120) and keeps its small values
+    # (300 * fp32(1 / 120) is just above 2.5 -> 3).
+    assert qpass.fake_quantize(x, "nvfp4")[5, :3].tolist() == [120.0, 360.0, -720.0]
+
+
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_tiles_nonfinite(special, axis):
+    # As with 1x16 blocks, g is NaN for a tensor holding NaN or Inf, so every tile is NaN.
+    x = tiled_heavy_tail((33, 50), torch.Generator().manual_seed(14))
+    x[20, 37] = special
+    out = check_tiles_against_oracle(x, axis)
+    assert out.isnan().all()
+    assert (qpass.quantize(x, "nvfp4", axis=axis, granularity=TILE).scales == 0x7F).all()  # E4M3 NaN
+
+
+def test_tiles_all_zero_tensor():
+    x = torch.zeros(17, 20)
+    qt = qpass.quantize(x, "nvfp4", granularity=TILE)
+    assert qt.tensor_scale.item() == 1.0 and (qt.scales == 0x08).all() and (qt.codes == 0).all()
+    assert_bits_equal(check_tiles_against_oracle(x, -2), x)
+
+
+@pytest.mark.parametrize("shape", [(33, 50), (3, 17, 40), (16, 16)], ids=str)
+def test_tiles_same_values_along_either_axis(shape):
+    # The point of 2D blocks: a weight quantized along K (forward) and along N (dgrad) is the same.
+    w = tiled_heavy_tail(shape, torch.Generator().manual_seed(15))
+    along_k = qpass.fake_quantize(w, "nvfp4", axis=-1, granularity=TILE)
+    assert_bits_equal(qpass.fake_quantize(w, "nvfp4", axis=-2, granularity=TILE), along_k)
+    transposed = qpass.fake_quantize(w.transpose(-1, -2), "nvfp4", axis=-1, granularity=TILE)
+    assert_bits_equal(transposed.transpose(-1, -2), along_k)
+    step_k = quantization_step(w, "nvfp4", axis=-1, granularity=TILE)
+    assert_bits_equal(quantization_step(w, "nvfp4", axis=-2, granularity=TILE), step_k)
+    # 1x16 blocks do not have the property.
+    assert not torch.equal(qpass.fake_quantize(w, "nvfp4", axis=-1), qpass.fake_quantize(w, "nvfp4", axis=-2))
+
+
+@pytest.mark.parametrize("shape, axis, scales_shape, codes_shape", [
+    ((3, 17, 40), -1, (3, 17, 3), (3, 17, 24)),
+    ((3, 17, 40), -2, (3, 40, 2), (3, 40, 16)),
+])
+def test_tiles_layout(shape, axis, scales_shape, codes_shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(16))
+    qt = qpass.quantize(x, "nvfp4", axis=axis, granularity=TILE)
+    assert qt.scales.shape == scales_shape and qt.codes.shape == codes_shape  # the 1x16 layout
+    for start in range(0, qt.scales.shape[-2], 16):  # each tile's scale on each of its rows
+        assert (qt.scales[:, start : start + 16] == qt.scales[:, start : start + 1]).all()
+    assert qt.bits_per_element() == qpass.quantize(x, "nvfp4", axis=axis).bits_per_element()
+
+
+def test_tiles_stochastic_rounding():
+    w = tiled_heavy_tail((33, 50), torch.Generator().manual_seed(17))
+    stochastic = {"granularity": TILE, "rounding": "stochastic", "generator": 3}
+    rne = qpass.quantize(w, "nvfp4", granularity=TILE)
+    sr = qpass.quantize(w, "nvfp4", **stochastic)
+    assert torch.equal(sr.scales, rne.scales) and torch.equal(sr.tensor_scale, rne.tensor_scale)
+    assert torch.equal(sr.codes, qpass.quantize(w, "nvfp4", **stochastic).codes)  # reproducible
+    out = qpass.dequantize(sr)
+    assert_bits_equal(qpass.fake_quantize(w, "nvfp4", **stochastic), out)
+    assert not torch.equal(out, qpass.dequantize(rne))
+    # Each value is one of the two grid points around x, at the tile's scale.
+    assert ((out - w).abs() <= quantization_step(w, "nvfp4", granularity=TILE)).all()
+
+
+def test_tiles_stochastic_rounding_is_unbiased():
+    # 2000 independent draws of one 16x16 tile (a batch dim of copies). Its amax 2688 gives g = 1 and
+    # s_b = 448 exactly, so nothing saturates. The mean's error has std <= step / (2 sqrt(2000)).
+    tile = torch.empty(16, 16).uniform_(-2688.0, 2688.0, generator=torch.Generator().manual_seed(18))
+    tile[7, 7] = 2688.0
+    copies = tile.expand(2000, 16, 16)
+    draws = qpass.fake_quantize(copies, "nvfp4", granularity=TILE, rounding="stochastic", generator=4)
+    step = quantization_step(tile, "nvfp4", granularity=TILE)
+    assert ((draws.double().mean(0) - tile).abs() <= 0.06 * step).all()
+
+
+def test_tiles_spec():
+    spec = resolve_format("nvfp4", granularity=TILE)
+    assert (spec.name, spec.scaling, spec.granularity, spec.block_size) == ("nvfp4", "nvfp4", "tile", 16)
+    assert resolve_format(spec) == spec
+    default = NAMED_FORMATS["nvfp4"]
+    assert resolve_format("nvfp4", granularity=("block", 16)) == resolve_format("nvfp4") == default
+    assert resolve_format(spec, granularity=("block", 16)) == default
+
+
+@pytest.mark.parametrize(
+    "granularity", [("tile", 32), ("tile", 8), ("tile",), ("block", 32), "tensor", "channel", "tile"], ids=str
+)
+def test_nvfp4_rejects_other_granularities(granularity):
+    with pytest.raises(ValueError, match=r"\('block', 16\).*\('tile', 16\)"):
+        qpass.fake_quantize(torch.ones(16, 16), "nvfp4", granularity=granularity)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp6_e3m2", "fp4_e2m1", "mxfp4", "mxfp8_e4m3"])
+def test_tiles_are_nvfp4_only(fmt):
+    with pytest.raises(ValueError, match="nvfp4"):
+        qpass.fake_quantize(torch.ones(16, 16), fmt, granularity=TILE)
+
+
+@pytest.mark.parametrize("shape, axis", [((32,), -1), ((), -1), ((2, 16, 16), 0), ((2, 16, 16), -3)])
+@pytest.mark.parametrize("fn", [qpass.quantize, qpass.fake_quantize, quantization_step])
+def test_tiles_need_one_of_the_last_two_dims(fn, shape, axis):
+    with pytest.raises(ValueError, match="last two"):
+        fn(torch.ones(shape), "nvfp4", axis=axis, granularity=TILE)
