@@ -173,3 +173,64 @@ def test_the_recipes_stochastic_rounding_is_unbiased(recipe, gemm, role):
     assert ((mean - x.double()).abs() <= 5 * step / 2 / draws**0.5).all()
     rne = qpass.fake_quantize(x, quantizer.spec, -1).double()
     assert (mean - x.double()).abs().mean() < (rne - x.double()).abs().mean() / 10
+
+
+FP4_CHANNEL = {"format": "fp4_e2m1", "granularity": "channel"}
+E5M2 = {"format": "fp8_e5m2"}
+
+
+class OutlierClamp(torch.autograd.Function):
+    """Rows clamped at their (1 − α, α) quantiles (widened to include 0) and the residual; the
+    gradient goes to the clamped part inside the bounds and to the residual outside them."""
+
+    @staticmethod
+    def forward(ctx, x, alpha):
+        bounds = torch.quantile(x, torch.tensor([1 - alpha, alpha]), dim=-1, keepdim=True)
+        residual = x - x.clamp(bounds[0].clamp(max=0), bounds[1].clamp(min=0))
+        ctx.save_for_backward(residual == 0)
+        return x - residual, residual
+
+    @staticmethod
+    def backward(ctx, grad_clamped, grad_residual):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad_clamped, grad_residual), None
+
+
+class FP4Product(torch.autograd.Function):
+    """``x · Wᵀ`` in per-row FP4; backward on the forward's FP4 operands with per-tensor E5M2 dY,
+    and the weight's gradient times the DGE multiplier when ``dge``."""
+
+    @staticmethod
+    def forward(ctx, x, w, dge):
+        xq, wq = q(x, FP4_CHANNEL, -1), q(w.mT, FP4_CHANNEL, -2)
+        ctx.save_for_backward(xq, wq, w)
+        ctx.dge = dge
+        return (xq @ wq).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xq, wq, w = ctx.saved_tensors
+        dyq = q(dy, E5M2, -1)
+        dw = xq.reshape(-1, xq.shape[-1]).mT @ dyq.reshape(-1, dyq.shape[-1])
+        if ctx.dge:
+            dw = dw * dge_multiplier(w.mT, "fp4_e2m1", -2, granularity="channel")
+        return dyq @ wq.mT, dw.mT, None
+
+
+def fp4_linear(dge, occ):
+    def linear(layer, t):
+        clamped, residual = OutlierClamp.apply(t, occ) if occ else (t, None)
+        y = FP4Product.apply(clamped, layer.weight, dge) + layer.bias
+        if residual is None:
+            return y
+        return y + (residual.flatten(0, -2) @ layer.weight.mT).reshape(*residual.shape[:-1], -1)
+
+    return linear
+
+
+@pytest.mark.parametrize("dge, occ", [(True, 0.99), (False, 0.99), (True, None), (False, None), (True, 0.9)])
+def test_fp4_train_matches_spec6_with_dge_and_occ(dge, occ):
+    qm = compare("fp4-train", fp4_linear(dge, occ), dge=dge, occ=occ)
+    row = qpass.report(qm)["up"]
+    assert row["formats"]["dgrad.weight"] == "fprop.weight" and row["formats"]["wgrad.input"] == "fprop.input"
+    assert any("occ" in note for note in row["notes"]) == (occ is not None)

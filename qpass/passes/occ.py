@@ -20,6 +20,7 @@ import operator
 import torch
 from torch import Tensor, fx
 
+from qpass.clamping import clamp_outliers
 from qpass.passes.plan import SitePlan
 from qpass.passes.sites import matmul_operands
 
@@ -35,7 +36,6 @@ def clamp_inputs(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
     for plan in plans:
         if plan.excluded is not None or plan.occ is None:
             continue
-        from qpass.clamping import clamp_outliers  # LAZY-PENDING
         node = plan.site.node
         (x, weight), _ = matmul_operands(node, plan.site.kind)  # after OCS: the split operands
         with graph.inserting_before(node):
