@@ -47,7 +47,7 @@ def clamp_inputs(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
             weight_axis = -1 if plan.site.kind == "linear" else -2
             out = graph.call_function(compensate, (node, residual, weight, weight_axis))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-        plan.notes.append(f"occ: input clamped at its {plan.occ:g} quantiles, the residual multiplied in high precision")
+        plan.notes.append(f"occ: clamped at the {plan.occ:g} quantiles, residual in high precision")
     graph.lint()
     gm.recompile()
     return gm
