@@ -31,7 +31,10 @@ GEMM_ROLES: dict[str, tuple[str, str]] = {
     "wgrad": ("grad_output", "input"),
 }
 ROLES = ("input", "weight", "grad_output")
-GEMM_ROLE_KEYS = tuple(f"{gemm}.{role}" for gemm, roles in GEMM_ROLES.items() for role in roles)
+# Plus "dgrad.input": in a product of two activations (attention's Q·Kᵀ and P·V) the dgrad's second
+# operand is an activation where a linear layer's is the weight.
+GEMM_ROLE_KEYS = (*(f"{gemm}.{role}" for gemm, roles in GEMM_ROLES.items() for role in roles), "dgrad.input")
+REUSED_FORWARD_KEYS = ("dgrad.weight", "dgrad.input", "wgrad.input")
 SCALINGS = ("current", "delayed")
 
 
@@ -107,7 +110,7 @@ class Recipe:
         if self.occ is not None and self.input is None:
             raise ValueError(f"occ= clamps the input before its quantizer; recipe {self.name!r} quantizes no input")
         if self.reuse_forward:
-            requantized = sorted(set(self.per_gemm) & {"dgrad.weight", "wgrad.input"})
+            requantized = sorted(set(self.per_gemm) & set(REUSED_FORWARD_KEYS))
             if requantized:
                 raise ValueError(f"reuse_forward=True takes the backward's weight and input from the forward, so per_gemm cannot set {requantized}")
             if rotates_gemms:
@@ -119,7 +122,7 @@ class Recipe:
             return self.per_gemm[key]
         if gemm != "fprop" and not self.quantizes_backward:
             return None  # an inference recipe: backward is the straight-through estimator
-        if self.reuse_forward and (gemm, role) in (("dgrad", "weight"), ("wgrad", "input")):
+        if self.reuse_forward and key in REUSED_FORWARD_KEYS:
             return self.quantizer("fprop", role)
         quantizer = getattr(self, role)
         if gemm == "fprop" and role == "weight" and quantizer is not None and self.dge is not None:
@@ -215,7 +218,7 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "mxfp4-train", **_all(_MXFP4),
-            per_gemm={f"{gemm}.{role}": _MXFP4_SR for gemm in ("dgrad", "wgrad") for role in GEMM_ROLES[gemm]},
+            per_gemm={key: _MXFP4_SR for key in GEMM_ROLE_KEYS if not key.startswith("fprop.")},
             hadamard={"fprop": Rotation(32, seed=0), "dgrad": Rotation(32, resample=True), "wgrad": Rotation(32, resample=True)},
             description="MXFP4 everywhere with 32-point block Hadamard: fixed signs forward, fresh signs and stochastic "
             "rounding backward (Quartet)",
