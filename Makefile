@@ -7,7 +7,7 @@ VENV ?= .venv
 BENCH_VENV ?= .venv-bench
 PIP_QUIET ?= -q
 
-.PHONY: demo test bench clean FORCE
+.PHONY: demo convergence test bench clean FORCE
 
 # A venv's torch-spec file changes only when TORCH_SPEC does, which triggers a reinstall.
 %/.torch-spec: FORCE
@@ -29,6 +29,10 @@ $(BENCH_VENV)/.installed: pyproject.toml Makefile $(BENCH_VENV)/.torch-spec
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py
+
+# The FP4 convergence study: ten training runs, about 20 minutes on a 2-core CPU.
+convergence: $(VENV)/.installed
+	$(VENV)/bin/python examples/fp4_convergence.py
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

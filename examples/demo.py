@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +44,12 @@ BASELINE = "fp32"
 HEAD_DIM = 32  # a whole MX block, should attention (K = head_dim) ever be quantized: attention=True
 HELDOUT_FRACTION = 0.1
 HELDOUT_BATCHES = 8
+# "cosine": a linear warm-up over the first WARMUP_FRACTION of the steps, then a cosine decay to
+# FINAL_LR_FRACTION of the rate. Ending at a low rate ends each run near its own minimum rather than
+# at wherever the last high-rate steps left it, so runs compare with far less chance in the gaps.
+SCHEDULES = ("constant", "cosine")
+WARMUP_FRACTION = 0.05
+FINAL_LR_FRACTION = 0.1
 TIMING_WARMUP = 3  # steps left out of seconds/step: the first ones capture and compile the graphs
 FINAL_WINDOW = 20  # the final train loss is the mean over this many last steps
 
@@ -55,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch")
     parser.add_argument("--seq", type=int, default=128, help="bytes per sequence")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
+    parser.add_argument("--heldout-batches", type=int, default=HELDOUT_BATCHES, help="held-out batches to evaluate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "demo" / "loss.png", help="plot path")
@@ -81,8 +90,8 @@ def make_batches(train: torch.Tensor, heldout: torch.Tensor, args) -> tuple[list
     generator = torch.Generator().manual_seed(args.seed)
     starts = torch.randint(len(train) - args.seq, (args.steps, args.batch), generator=generator)
     train_batches = [windows(train, s, args.seq) for s in starts]
-    spread = torch.linspace(0, len(heldout) - args.seq, HELDOUT_BATCHES * args.batch).long()
-    heldout_batches = [windows(heldout, s, args.seq) for s in spread.view(HELDOUT_BATCHES, args.batch)]
+    spread = torch.linspace(0, len(heldout) - args.seq, args.heldout_batches * args.batch).long()
+    heldout_batches = [windows(heldout, s, args.seq) for s in spread.view(args.heldout_batches, args.batch)]
     return train_batches, heldout_batches
 
 
@@ -100,21 +109,23 @@ def build_model(args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def prepare(initial: torch.nn.Module, run: str) -> torch.nn.Module:
+def prepare(initial: torch.nn.Module, run: str, **overrides) -> torch.nn.Module:
     """A fresh copy of the initial model for ``run`` (qpass.compile quantizes in place), compiled from
     a clean Dynamo cache: every copy adds entries to the cache of the same HF forward, and past
-    Dynamo's recompile limit (8) a new model would silently run eager, so unquantized."""
+    Dynamo's recompile limit (8) a new model would silently run eager, so unquantized. ``overrides``
+    go to qpass.compile (examples/fp4_convergence.py runs recipes with parts switched off)."""
     torch.compiler.reset()
     model = copy.deepcopy(initial)
     if run == BASELINE:
         return torch.compile(model, backend="aot_eager")
-    return qpass.compile(model, run, backend="aot_eager")
+    return qpass.compile(model, run, backend="aot_eager", **overrides)
 
 
 def train(model: torch.nn.Module, run: str, batches: list, args) -> tuple[list[float], float]:
     """AdamW over ``batches``; returns the loss of every step and the median seconds per step after
     the compiling ones (a median, so that a moment of contention for the CPU does not skew it)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, len(batches), args.schedule))
     log_every = max(1, len(batches) // 10)
     losses, durations = [], []
     start = time.perf_counter()
@@ -123,6 +134,7 @@ def train(model: torch.nn.Module, run: str, batches: list, args) -> tuple[list[f
         loss = model(tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         durations.append(time.perf_counter() - step_start)
@@ -132,6 +144,17 @@ def train(model: torch.nn.Module, run: str, batches: list, args) -> tuple[list[f
             print(f"  {run:<12} {progress}", flush=True)
     timed = durations[TIMING_WARMUP:] or [float("nan")]
     return losses, statistics.median(timed)
+
+
+def learning_rate_factor(step: int, steps: int, schedule: str) -> float:
+    """The learning rate of ``step`` (0-based) relative to ``--lr``."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * (1 + math.cos(math.pi * progress)) / 2
 
 
 @torch.no_grad()

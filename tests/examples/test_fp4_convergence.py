@@ -1,0 +1,66 @@
+"""The FP4 convergence study runs end to end, shortened: every run, a table, a plot, nothing written."""
+
+import importlib.util
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY, RESULTS = ROOT / "examples" / "fp4_convergence.py", ROOT / "bench" / "RESULTS.md"
+SHORT = ["--steps", "40", "--layers", "1", "--hidden", "64", "--batch", "4", "--seq", "64"]
+
+
+def load_study():
+    """examples/ is not a package: load fp4_convergence.py from its path (registered as a module
+    first, as its dataclass needs)."""
+    spec = importlib.util.spec_from_file_location("qpass_fp4_convergence", STUDY)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def modified(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def test_runs_keep_their_order_and_always_include_the_baseline():
+    args = load_study().parse_args(["--runs", "mxfp8-train", "fp8-train"])
+    assert args.runs == ["fp32", "fp8-train", "mxfp8-train"]
+
+
+def test_the_printed_command_reproduces_the_options():
+    study = load_study()
+    args = study.parse_args([*SHORT, "--lr", "1e-2", "--runs", "fp32 seed 1", "fp4-train no DGE"])
+    assert study.parse_args(shlex.split(study.command(args))[2:]) == args
+
+
+@pytest.mark.slow
+def test_short_study_trains_every_run(tmp_path, capsys):
+    study = load_study()
+    out = tmp_path / "loss.png"
+    written = [modified(path) for path in (study.DOC, study.DOC_PLOT, RESULTS)]
+    results = study.main([*SHORT, "--out", str(out), "--no-write"])
+
+    assert [r["run"] for r in results] == list(study.RUNS)
+    for r in results:
+        assert len(r["losses"]) == 40
+        assert all(math.isfinite(x) for x in [*r["losses"], r["train_loss"], r["heldout_loss"], r["gap_pct"]])
+        assert r["seconds_per_step"] > 0
+        assert sum(r["losses"][-5:]) < sum(r["losses"][:5]), r["run"]  # every run learns
+    by_run = {r["run"]: r for r in results}
+    assert by_run["fp32"]["gap_pct"] == 0
+    # Same weights, same batches: the FP8 recipes stay close to the baseline (as in the demo's test).
+    for run in ("fp8-train", "mxfp8-train"):
+        assert abs(by_run[run]["gap_pct"]) < 5, run
+    # TODO(owner): the FP4 orderings, with margins measured on the real recipes, against the
+    # run-to-run noise (the "fp32 seed 1" gap): fp4-train within X% of the baseline, "fp4-train
+    # direct cast" worse than fp4-train, the no-DGE and no-OCC runs between them.
+
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [modified(path) for path in (study.DOC, study.DOC_PLOT, RESULTS)] == written  # --no-write
+    printed = capsys.readouterr().out
+    assert "| fp4-train direct cast |" in printed
+    assert "Reproduce: python examples/fp4_convergence.py --steps 40 " in printed
