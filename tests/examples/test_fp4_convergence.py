@@ -10,7 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY, RESULTS = ROOT / "examples" / "fp4_convergence.py", ROOT / "bench" / "RESULTS.md"
-SHORT = ["--steps", "40", "--layers", "1", "--hidden", "64", "--batch", "4", "--seq", "64"]
+# A smaller model and budget than the study's (2 layers, hidden 128, 600 steps), long enough for
+# the FP4 ablations to come apart: about 2 minutes on one core.
+SHORT = ["--steps", "200", "--layers", "1", "--hidden", "64", "--batch", "8", "--seq", "64", "--lr", "4e-3"]
 
 
 def load_study():
@@ -46,21 +48,27 @@ def test_short_study_trains_every_run(tmp_path, capsys):
 
     assert [r["run"] for r in results] == list(study.RUNS)
     for r in results:
-        assert len(r["losses"]) == 40
+        assert len(r["losses"]) == 200
         assert all(math.isfinite(x) for x in [*r["losses"], r["train_loss"], r["heldout_loss"], r["gap_pct"]])
         assert r["seconds_per_step"] > 0
         assert sum(r["losses"][-5:]) < sum(r["losses"][:5]), r["run"]  # every run learns
     by_run = {r["run"]: r for r in results}
     assert by_run["fp32"]["gap_pct"] == 0
-    # Same weights, same batches: the FP8 recipes stay close to the baseline (as in the demo's test).
+    # Same weights, same batches: an FP8 recipe moves the held-out loss less than chance does (the
+    # other seed's gap, 2.1% at this size), give or take a point.
+    chance = abs(by_run["fp32 seed 1"]["gap_pct"])
     for run in ("fp8-train", "mxfp8-train"):
-        assert abs(by_run[run]["gap_pct"]) < 5, run
-    # TODO(owner): the FP4 orderings, with margins measured on the real recipes, against the
-    # run-to-run noise (the "fp32 seed 1" gap): fp4-train within X% of the baseline, "fp4-train
-    # direct cast" worse than fp4-train, the no-DGE and no-OCC runs between them.
+        assert abs(by_run[run]["gap_pct"]) < chance + 1, run
+    # The full fp4-train beats each of its ablations. At this size, with lr 3e-3 and 4e-3, the
+    # closest ablation (no OCC) stayed 1.2% behind; 0.5% leaves room for another machine's rounding
+    # to move the trajectories. (That the direct cast is the worst of all the FP4 runs holds only in
+    # the full study: here mxfp4-train and nvfp4-train, at hidden 64, trail it.)
+    fp4 = by_run["fp4-train"]["heldout_loss"]
+    for ablation in ("fp4-train no DGE", "fp4-train no OCC", "fp4-train direct cast"):
+        assert fp4 < 0.995 * by_run[ablation]["heldout_loss"], ablation
 
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [modified(path) for path in (study.DOC, study.DOC_PLOT, RESULTS)] == written  # --no-write
     printed = capsys.readouterr().out
     assert "| fp4-train direct cast |" in printed
-    assert "Reproduce: python examples/fp4_convergence.py --steps 40 " in printed
+    assert "Reproduce: python examples/fp4_convergence.py --steps 200 " in printed
