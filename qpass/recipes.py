@@ -105,6 +105,8 @@ class Recipe:
             raise TypeError(f"dge= takes True, False/None or a qpass.DGE, got {self.dge!r}")
         if self.dge is not None and (self.weight is None or self.scaling == "delayed"):
             raise ValueError("dge= reshapes the weight's gradient with its current-scaled quantizer: it needs weight= and scaling='current'")
+        if self.dge is not None and self.hadamard.fprop is not None:
+            raise ValueError("dge= works on the weight's own grid; a forward rotation quantizes the rotated weight instead")
         if self.occ is not None and not (isinstance(self.occ, (int, float)) and 0.5 < self.occ <= 1):
             raise ValueError(f"occ= is the clamping quantile alpha in (0.5, 1] (0.99 in the paper), got {self.occ!r}")
         if self.occ is not None and self.input is None:
