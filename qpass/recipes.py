@@ -84,6 +84,7 @@ class Recipe:
             raise ValueError("scaling='delayed' quantizes each operand once for both its GEMMs; a GEMM rotation makes them differ")
         if self.hadamard.fprop is not None and self.hadamard.fprop.resample:
             raise ValueError("a resampled rotation (fresh signs per call) applies to the backward GEMMs, dgrad and wgrad")
+        self.dge = DGE() if self.dge is True else (self.dge or None)
         self._check_fp4_training(rotates_gemms)
         if self.ocs is not None and not (isinstance(self.ocs, (int, float)) and 0 < self.ocs <= 1):
             raise ValueError(f"ocs= is an expand ratio in (0, 1] (0.01-0.05 is typical), got {self.ocs!r}")
@@ -100,7 +101,6 @@ class Recipe:
             replace(self, rules=[]).with_overrides(**changes)
 
     def _check_fp4_training(self, rotates_gemms: bool) -> None:
-        self.dge = DGE() if self.dge is True else (self.dge or None)
         if self.dge is not None and not isinstance(self.dge, DGE):
             raise TypeError(f"dge= takes True, False/None or a qpass.DGE, got {self.dge!r}")
         if self.dge is not None and (self.weight is None or self.scaling == "delayed"):

@@ -133,17 +133,24 @@ def test_mxfp4_train_matches_spec6_with_fresh_signs_each_backward():
     compare("mxfp4-train", lambda layer, t: Spec6Linear.apply(t, layer.weight, gemms) + layer.bias)
 
 
-def test_mxfp4_train_backward_signs_change_every_step():
+def two_identical_steps(**overrides):
     torch.manual_seed(0)
     mlp = MLP()
-    qm = qpass.compile(mlp, "mxfp4-train", backend="aot_eager")
+    qm = qpass.compile(mlp, "mxfp4-train", backend="aot_eager", **overrides)
     x = torch.randn(2, 8, 64)
     grads = []
     for _ in range(2):
         qm(x).sum().backward()
         grads.append(mlp.up.weight.grad.clone())
         mlp.zero_grad()
-    assert not torch.equal(*grads)  # the same step twice: only the random draws differ
+    return grads
+
+
+def test_mxfp4_train_backward_signs_change_every_step():
+    # Rounding to nearest, so that the resampled signs are the only random draws left.
+    assert not torch.equal(*two_identical_steps(rounding="rne"))
+    fixed = qpass.Rotation(32, seed=1)
+    assert torch.equal(*two_identical_steps(rounding="rne", hadamard={"fprop": fixed, "dgrad": fixed, "wgrad": fixed}))
 
 
 def test_the_nvfp4_wgrad_rotation_is_orthogonal_with_transformer_engines_signs():

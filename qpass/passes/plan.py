@@ -48,12 +48,13 @@ class ProductPlan:
             f"{grad_a}.grad_output": (q.da_grad, q.da_rotation), f"{grad_a}.{b}": (q.da_b, q.da_rotation),
             f"{grad_b}.grad_output": (q.db_grad, q.db_rotation), f"{grad_b}.{a}": (q.db_a, q.db_rotation),
         }
-        if q.reuse_forward:  # the backward's A and B are the forward's quantized operands
-            slots[f"{grad_a}.{b}"] = slots[f"{grad_b}.{a}"] = (None, None)
-        return {
+        formats = {
             key: str(value) + ("" if rotation is None else f"+{rotation}")
             for key, (value, rotation) in slots.items() if value is not None
-        } | ({f"{grad_a}.{b}": f"fprop.{b}", f"{grad_b}.{a}": f"fprop.{a}"} if q.reuse_forward else {})
+        }
+        if q.reuse_forward:  # the backward's A and B are the forward's quantized operands
+            formats.update({f"{grad_a}.{b}": f"fprop.{b}", f"{grad_b}.{a}": f"fprop.{a}"})
+        return formats
 
 
 @dataclass
