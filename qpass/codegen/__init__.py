@@ -1,0 +1,11 @@
+"""Triton kernels that qpass generates for its formats, and their torch.library ops.
+
+Importing this package needs ``triton`` (the ``qpass[triton]`` extra). The kernels are specialized
+per format spec (:mod:`qpass.codegen.spec`), written with the bit-exact device functions of
+:mod:`qpass.codegen.numerics`, and checked against :mod:`qpass.formats` bit for bit (on the CPU
+under ``TRITON_INTERPRET=1``).
+"""
+
+from qpass.codegen.quantize import dequantize, fake_quantize, quantize
+
+__all__ = ["dequantize", "fake_quantize", "quantize"]

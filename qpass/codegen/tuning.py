@@ -1,0 +1,53 @@
+"""Autotuning search spaces: a few tile shapes and warp counts per kernel, pruned to the shapes a
+spec allows (a tile spans whole scaling blocks and whole Hadamard blocks). Under
+``TRITON_INTERPRET=1`` one small config is used: the interpreter gains nothing from tuning and
+would run every config."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def elementwise_configs() -> list[triton.Config]:
+    """BLOCK_R x BLOCK_L tiles for the quantize, amax and dequantize kernels."""
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_R": 16, "BLOCK_L": 128}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_R": rows, "BLOCK_L": cols}, num_warps=warps)
+        for rows, cols, warps in (
+            (16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (64, 256, 8), (128, 128, 8),
+        )
+    ]
+
+
+def prune_elementwise(configs, named_args, **kwargs):
+    """Keep tiles that hold whole scaling groups and whole Hadamard blocks (and 16-row tiles)."""
+    group, hadamard = kwargs.get("GROUP", 0), kwargs.get("HADAMARD", 0)
+    tile_rows = 16 if kwargs.get("GRANULARITY") == 3 else 1
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_L"] % max(group, hadamard, 2) == 0
+        and c.kwargs["BLOCK_R"] % tile_rows == 0
+        and (not hadamard or c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_L"] // hadamard >= 16)
+    ]
+    if not kept:
+        needed = max(group, hadamard, 2)
+        kept = [triton.Config({"BLOCK_R": 16, "BLOCK_L": needed}, num_warps=4)]
+    return kept
+
+
+def matmul_configs() -> list[triton.Config]:
+    """BLOCK_M x BLOCK_N x BLOCK_K tiles for the quantized matmul."""
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        for m, n, k, warps, stages in (
+            (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+        )
+    ]
