@@ -25,6 +25,7 @@ from qpass.recipes import Recipe, get_recipe
 from qpass.state import QpassState
 
 BACKENDS = ("inductor", "aot_eager", "eager")
+KERNELS = ("auto", "triton", "reference")
 
 
 def _get_attr_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
@@ -48,19 +49,34 @@ class _Backend:
         self.state = state
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        _quantize(gm, _dynamo_parameters(gm), self.state)
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        _quantize(gm, _dynamo_parameters(gm), self.state, lower=_lowers(self.state.kernels, on_cuda))
         if self.state.observe is not None:
             return gm.forward  # calibrating: the observers are Python functions in the graph
         return torch._dynamo.lookup_backend(self.state.backend)(gm, example_inputs)
 
 
-def _quantize(gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState) -> None:
+def _lowers(kernels: str, on_cuda: bool) -> bool:
+    """Whether a graph is lowered onto the Triton kernels: ``"auto"`` does so on CUDA."""
+    if kernels == "triton" and not on_cuda:
+        warnings.warn(
+            "kernels='triton' on a graph that does not run on CUDA: the lowered ops run their reference "
+            "implementations there (the Triton kernels need a GPU)", stacklevel=3,
+        )
+    return kernels == "triton" or (kernels == "auto" and on_cuda)
+
+
+def _quantize(gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState, lower: bool = False) -> None:
     recipe = state.recipe
     new_state = state.delayed_scaling if recipe.scaling == "delayed" else None
     plans, notes = quantize_graph(
         gm, parameters, recipe, state.matched_globs, new_state, state.calibration, state.observe
     )
     if state.observe is None:
+        if lower:
+            from qpass.passes.lower import lower_to_kernels
+
+            lower_to_kernels(gm, plans, parameters, frozen=not torch.is_grad_enabled())
         state.record(plans, notes)
 
 
@@ -69,6 +85,7 @@ def compile(
     recipe: str | Recipe = "fp8-train",
     *,
     backend: str = "inductor",
+    kernels: str = "auto",
     dynamic: bool | None = None,
     fullgraph: bool = False,
     **overrides,
@@ -77,18 +94,23 @@ def compile(
 
     ``overrides`` are recipe fields and the SPEC section 8 overrides (``attention=``, ``rules=``,
     ``exclude=``, ``rounding=``, ``scale_mode=``, ``scaling=``, ...). ``backend`` is what compiles
-    the quantized graphs: ``"inductor"``, ``"aot_eager"`` or ``"eager"``. Sites are found when the
-    model first runs; then :func:`qpass.report` lists them.
+    the quantized graphs: ``"inductor"``, ``"aot_eager"`` or ``"eager"``. ``kernels`` is what
+    quantizes: ``"triton"`` (qpass's generated kernels, :mod:`qpass.passes.lower`), ``"reference"``
+    (the :mod:`qpass.formats` numerics as torch ops) or ``"auto"`` (Triton on CUDA). Sites are
+    found when the model first runs; then :func:`qpass.report` lists them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qpass.compile takes an nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
     recipe = get_recipe(recipe).with_overrides(**overrides)
     if isinstance(getattr(model, "_qpass", None), QpassState):
         warnings.warn("this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
         model._qpass.detach_from(model)
     state = QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph))
+    state.kernels = kernels
     state.attach(model)
     model._compiled_call_impl = compiled_call(model, state.options)
     return model

@@ -9,6 +9,14 @@
                                 each quantizes its operands from the high-precision tensors along
                                 its own reduction axis. Independent QDQ nodes on the forward graph
                                 cannot express that (dY is needed along N and along M).
+``qpass::fake_quantize_kernel`` a rotation and QDQ in one generated Triton kernel on CUDA
+                                (:mod:`qpass.codegen`); what the lowering pass puts in place of
+                                ``rotate`` and ``quantize_dequantize``.
+``qpass::packed_linear``        ``Q(x) · Wᵀ + bias`` with W stored packed (codes and scales), by
+                                the generated dequant-matmul kernel on CUDA.
+
+The ``*_kernel`` and ``packed_*`` ops run the reference numerics on any other device, so a lowered
+graph computes the same values everywhere (the kernels are tested bit for bit against them).
 
 Every op has a CPU/CUDA implementation (the reference numerics of :mod:`qpass.formats`) and a
 fake implementation, so torch.compile traces them without graph breaks, and takes its quantizers
@@ -19,12 +27,15 @@ accumulate in fp32 whatever the operands' dtype.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
+from qpass.formats import QTensor
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 from qpass.state import delayed_state
@@ -32,14 +43,30 @@ from qpass.state import delayed_state
 
 def _quantize(
     quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "", rotation: Rotation | None = None,
-    signs: Tensor | None = None,
+    signs: Tensor | None = None, kernels: bool = False,
 ) -> Tensor:
     """fp32 fake-quantized ``x``, rotated first if asked (``x`` in fp32 when the role stays in high
-    precision); ``signs`` are the signs drawn for this GEMM when its rotation is resampled."""
+    precision); ``signs`` are the signs drawn for this GEMM when its rotation is resampled.
+    ``kernels``: by the generated Triton kernel where one runs (CUDA, no delayed-scaling state)."""
     x = x.detach().float()
+    if kernels and quantizer is not None and _runs_kernel(x, quantizer, rotation, state):
+        from qpass import codegen
+
+        return codegen.fake_quantize(x, quantizer, axis, rotation, signs)
     if rotation is not None:
         x = rotation(x, axis, signs=signs)
     return x if quantizer is None else quantizer(x, axis, delayed_state(state, x.device))
+
+
+# The devices whose tensors go through the generated kernels. Tests add "cpu" to run the kernels of
+# a lowered graph in Triton's interpreter.
+KERNEL_DEVICES = {"cuda"}
+
+
+def _runs_kernel(x: Tensor, quantizer: Quantizer, rotation: Rotation | None, state: str = "") -> bool:
+    from qpass.codegen.spec import unsupported  # imports triton: only once kernels were asked for
+
+    return x.device.type in KERNEL_DEVICES and not state and unsupported(quantizer, rotation, x.dtype) is None
 
 
 def _draw_signs(rotation: Rotation | None, length: int) -> Tensor | None:
@@ -121,6 +148,7 @@ class MatmulQuantizers:
     The ``*_state`` fields name delayed-scaling states (:mod:`qpass.state`) of per-tensor operands.
     ``reuse_forward``: the backward GEMMs take A and B as the forward quantized them (FP4 training,
     arXiv 2501.17116) instead of requantizing them along their own axes.
+    ``kernels``: operands are quantized by the generated Triton kernels on CUDA.
     """
 
     a: Quantizer | None = None
@@ -136,6 +164,7 @@ class MatmulQuantizers:
     da_rotation: Rotation | None = None
     db_rotation: Rotation | None = None
     reuse_forward: bool = False
+    kernels: bool = False  # quantize by the generated Triton kernels where they run (qpass.passes.lower)
 
     def __post_init__(self) -> None:
         # A delayed-scaling state records one amax per step: its operand must be quantized once.
@@ -198,7 +227,8 @@ ROTATION_FIELDS = ("rotation", "da_rotation", "db_rotation")
 def quantized_matmul(a: Tensor, b: Tensor, quantizers: str) -> Tensor:
     """fprop: ``Q(A along K) · Q(B along K)`` in fp32, returned in ``a``'s dtype."""
     q = MatmulQuantizers.from_json(quantizers)
-    return torch.matmul(_quantize(q.a, a, -1, rotation=q.rotation), _quantize(q.b, b, -2, rotation=q.rotation)).to(a.dtype)
+    a_q = _quantize(q.a, a, -1, rotation=q.rotation, kernels=q.kernels)
+    return torch.matmul(a_q, _quantize(q.b, b, -2, rotation=q.rotation, kernels=q.kernels)).to(a.dtype)
 
 
 @quantized_matmul.register_fake
@@ -219,12 +249,12 @@ def quantized_matmul_backward(
     generators in this order: a shared dY; dgrad's signs, dY, B; wgrad's signs, dY, A.
     """
     q = MatmulQuantizers.from_json(quantizers)
-    shared = _quantize(q.da_grad, grad, -1, q.grad_state) if q.shares_grad else None
+    shared = _quantize(q.da_grad, grad, -1, q.grad_state, kernels=q.kernels) if q.shares_grad else None
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
         signs = _draw_signs(q.da_rotation, grad.shape[-1])
-        dy = shared if shared is not None else _quantize(q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs)
-        b_n = _quantize(q.da_b, b, -1, rotation=q.da_rotation, signs=signs)
+        dy = shared if shared is not None else _quantize(q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs, kernels=q.kernels)
+        b_n = _quantize(q.da_b, b, -1, rotation=q.da_rotation, signs=signs, kernels=q.kernels)
         grad_a = (dy @ b_n.mT).sum_to_size(a.shape)
         grad_a = (grad_a if q.a is None else q.a.gradient(grad_a, a, -1)).to(a.dtype).contiguous()
     if need_b:
@@ -232,8 +262,8 @@ def quantized_matmul_backward(
             a, grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
             shared = shared if shared is None else shared.reshape(grad.shape)
         signs = _draw_signs(q.db_rotation, grad.shape[-2])
-        dy = shared if shared is not None else _quantize(q.db_grad, grad, -2, rotation=q.db_rotation, signs=signs)
-        a_m = _quantize(q.db_a, a, -2, rotation=q.db_rotation, signs=signs)
+        dy = shared if shared is not None else _quantize(q.db_grad, grad, -2, rotation=q.db_rotation, signs=signs, kernels=q.kernels)
+        a_m = _quantize(q.db_a, a, -2, rotation=q.db_rotation, signs=signs, kernels=q.kernels)
         grad_b = (a_m.mT @ dy).sum_to_size(b.shape)
         grad_b = (grad_b if q.b is None else q.b.gradient(grad_b, b, -2)).to(b.dtype).contiguous()
     return grad_a, grad_b
@@ -258,3 +288,82 @@ def _matmul_backward(ctx, grad):
 
 
 quantized_matmul.register_autograd(_matmul_backward, setup_context=_save_operands)
+
+
+# ---- generated kernels (qpass.passes.lower) ------------------------------------------------------
+
+
+@torch.library.custom_op("qpass::fake_quantize_kernel", mutates_args=())
+def fake_quantize_kernel(x: Tensor, quantizer: str, axis: int, rotation: str = "") -> Tensor:
+    """``rotate`` then ``quantize_dequantize`` in one generated kernel (the reference off CUDA)."""
+    q, r = Quantizer.from_json(quantizer), (Rotation.from_json(rotation) if rotation else None)
+    return _quantize(q, x, axis, rotation=r, kernels=True).to(x.dtype).contiguous()
+
+
+@fake_quantize_kernel.register_fake
+def _(x, quantizer, axis, rotation=""):
+    shape = list(x.shape)
+    if rotation:
+        shape[axis] = Rotation.from_json(rotation).padded(shape[axis])
+    return x.new_empty(shape)
+
+
+def _save_for_kernel_gradient(ctx, inputs, output):
+    x, ctx.quantizer, ctx.axis, ctx.rotation = inputs
+    ctx.length = x.shape[ctx.axis]
+    ctx.save_for_backward(x if Quantizer.from_json(ctx.quantizer).dge and not ctx.rotation else None)
+
+
+def _kernel_gradient(ctx, grad):
+    # As rotate followed by quantize_dequantize: the estimator's gradient, then the inverse rotation.
+    (x,) = ctx.saved_tensors
+    if x is not None:
+        grad = Quantizer.from_json(ctx.quantizer).gradient(grad, x, ctx.axis)
+    if ctx.rotation:
+        grad = torch.ops.qpass.rotate(grad, ctx.rotation, ctx.axis, True).narrow(ctx.axis, 0, ctx.length)
+    return grad, None, None, None
+
+
+fake_quantize_kernel.register_autograd(_kernel_gradient, setup_context=_save_for_kernel_gradient)
+
+
+# Packed weights live outside the graphs (an op takes no module, and a graph constant would have to
+# be a fake tensor while the graph is traced): ops find them by key, as delayed-scaling states.
+# The registry holds them weakly; the graph module that uses a weight holds it.
+_PACKED_WEIGHTS: weakref.WeakValueDictionary[str, QTensor] = weakref.WeakValueDictionary()
+_PACKED_IDS = itertools.count()
+
+
+def register_packed_weight(weight: QTensor) -> str:
+    """A key under which ``qpass::packed_linear`` finds ``weight`` (a caller must keep it alive)."""
+    key = f"packed{next(_PACKED_IDS)}"
+    _PACKED_WEIGHTS[key] = weight
+    return key
+
+
+@torch.library.custom_op("qpass::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, bias: Tensor | None, weight: str, out_features: int, input_quantizer: str, rotation: str) -> Tensor:
+    """``Q(rotate(x)) · Wᵀ + bias`` for a weight stored packed (:func:`register_packed_weight`'s
+    key ``weight``: a QTensor of W ``[N, K]`` quantized along K, after ``rotation``). On CUDA the
+    generated dequant-matmul kernel, which quantizes x on the fly where it can; elsewhere the
+    reference, the same values as the unlowered graph."""
+    qt = _PACKED_WEIGHTS.get(weight)
+    if qt is None:
+        raise RuntimeError(f"qpass packed weight {weight!r} no longer exists (was its model deleted?)")
+    a_q = Quantizer.from_json(input_quantizer) if input_quantizer else None
+    r = Rotation.from_json(rotation) if rotation else None
+    if x.device.type in KERNEL_DEVICES:
+        from qpass import codegen
+
+        if r is not None:  # a rotated input is quantized by its own kernel, then multiplied as it is
+            x = fake_quantize_kernel(x, input_quantizer, -1, rotation) if a_q else torch.ops.qpass.rotate(x, rotation, -1)
+            a_q = None
+        return codegen.weight_matmul(x, qt, bias, input_quantizer=a_q, out_dtype=x.dtype)
+    x = _quantize(a_q, x, -1, rotation=r).to(x.dtype)
+    out = torch.matmul(x, qt.dequantize().to(x.dtype).mT.contiguous())  # the unlowered graph's layout: same sums
+    return out if bias is None else out + bias
+
+
+@packed_linear.register_fake
+def _(x, bias, weight, out_features, input_quantizer, rotation):
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -31,7 +31,15 @@ def rotate(x: Tensor, rotation: Rotation | None, axis: int) -> Tensor:
     return x if rotation is None else torch.ops.qpass.rotate(x, rotation.to_json(), axis, False)
 
 
-def qdq(x: Tensor, quantizer: Quantizer | None, axis: int, state: str = "") -> Tensor:
+def qdq(
+    x: Tensor, quantizer: Quantizer | None, axis: int, state: str = "", rotation: Rotation | None = None,
+    kernels: bool = False,
+) -> Tensor:
+    """``x`` rotated (if asked), then quantize-dequantized; with ``kernels``, both in one generated
+    kernel (a delayed-scaling state keeps the reference op, which owns the amax history)."""
+    if kernels and quantizer is not None and not state:
+        return torch.ops.qpass.fake_quantize_kernel(x, quantizer.to_json(), axis, rotation.to_json() if rotation else "")
+    x = rotate(x, rotation, axis)
     if quantizer is None:
         return x
     return torch.ops.qpass.quantize_dequantize(x, quantizer.to_json(), axis, state)
@@ -53,12 +61,12 @@ def product(a: Tensor, b: Tensor, quantizers: str) -> Tensor:
     """``A [..., M, K] · B [..., K, N]`` quantized as ``quantizers`` (MatmulQuantizers JSON) says."""
     q, op_config = _without_hoisted(quantizers)
     if not q.quantizes_backward:
-        a, b = rotate(a, q.rotation, -1), rotate(b, q.rotation, -2)
-        return torch.matmul(qdq(a, q.a, -1, q.a_state), qdq(b, q.b, -2, q.b_state))
+        a = qdq(a, q.a, -1, q.a_state, q.rotation, q.kernels)
+        return torch.matmul(a, qdq(b, q.b, -2, q.b_state, q.rotation, q.kernels))
     if q.hoists_a:
-        a = qdq(a, q.a, -1, q.a_state)
+        a = qdq(a, q.a, -1, q.a_state, kernels=q.kernels)
     if q.hoists_b:
-        b = qdq(b, q.b, -2, q.b_state)
+        b = qdq(b, q.b, -2, q.b_state, kernels=q.kernels)
     return torch.matmul(a, b) if op_config is None else torch.ops.qpass.quantized_matmul(a, b, op_config)
 
 

@@ -56,6 +56,7 @@ class QpassState(_Namespace):
         self.recipe = recipe
         self.backend = backend
         self.options = options  # torch.compile's (dynamic, fullgraph)
+        self.kernels = "reference"  # qpass.compile's kernels=: "auto", "triton" or "reference"
         self._model = None  # weak reference to the model this state is attached to
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph
         self.notes: list[str] = []  # what the passes said about whole graphs (residual rotation)

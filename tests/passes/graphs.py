@@ -34,7 +34,7 @@ def count_calls(gm: fx.GraphModule, target) -> int:
 def quantization_off():
     """The quantized graph's ops with every quantizer the identity (rotations still applied), in the
     input's own dtype: what is left is the transforms, which must preserve the function exactly."""
-    def identity(quantizer, x, axis, state="", rotation=None, signs=None):
+    def identity(quantizer, x, axis, state="", rotation=None, signs=None, kernels=False):
         x = x.detach()
         return x.clone() if rotation is None else rotation(x, axis, signs=None if signs is None else signs.to(x.dtype))
 

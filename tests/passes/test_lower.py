@@ -1,0 +1,157 @@
+"""The lowering pass on tiny graphs: which sites it packs or hands to the kernels, what it inserts,
+and that a lowered graph computes what the unlowered one does (on the CPU its ops run the reference;
+with the CPU among the kernel devices, the Triton kernels themselves, in the interpreter)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from graphs import capture, count_calls
+from torch import nn
+
+import qpass
+import qpass.ops
+from qpass import quantized
+from qpass.ops import MatmulQuantizers
+from qpass.passes import find_sites, insert_quantizers, plan_sites
+from qpass.passes.lower import KERNELS, PACKED, lower_to_kernels, lowering
+
+PACKED_LINEAR = torch.ops.qpass.packed_linear.default
+
+
+class Block(nn.Module):
+    """Two linears (one without bias) around a matmul of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 96)
+        self.down = nn.Linear(96, 64, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.down(h) + (h @ h.mT) @ x
+
+
+def quantized_graph(recipe, frozen, **overrides):
+    module, x = Block(), torch.randn(2, 8, 64)
+    gm, parameters, inputs = capture(module, x)
+    plans = plan_sites(find_sites(gm.graph, parameters), qpass.get_recipe(recipe).with_overrides(**overrides), set())
+    insert_quantizers(gm, plans)
+    return gm, plans, parameters, module, inputs
+
+
+def lowered_configs(gm):
+    return [
+        MatmulQuantizers.from_json(n.args[-1]) for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in (quantized.linear, quantized.product)
+    ]
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4-weight-only", "fp8-infer", "nvfp4-infer", "mxfp4-infer"])
+def test_frozen_inference_linears_are_packed(recipe):
+    gm, plans, parameters, _, _ = quantized_graph(recipe, frozen=True)
+    decisions = lowering(plans, parameters, frozen=True)
+    assert decisions["up"] == decisions["down"] == PACKED
+    assert decisions.get("matmul", KERNELS) == KERNELS  # two activations: nothing to pack
+    lower_to_kernels(gm, plans, parameters, frozen=True)
+    assert count_calls(gm, PACKED_LINEAR) == 2
+    assert count_calls(gm, quantized.linear) == 0
+    assert all(q.kernels for q in lowered_configs(gm))  # the activation product: kernels, not packed
+    assert len(gm._qpass_packed_weights) == 2  # the graph module keeps its packed weights alive
+    assert all("packed" in " ".join(p.notes) for p in plans if p.name in ("up", "down"))  # for qpass.report
+
+
+def test_weights_that_train_are_not_packed():
+    gm, plans, parameters, _, _ = quantized_graph("fp8-infer", frozen=False)
+    assert set(lowering(plans, parameters, frozen=False).values()) == {KERNELS}
+    lower_to_kernels(gm, plans, parameters, frozen=False)
+    assert count_calls(gm, PACKED_LINEAR) == 0
+    assert count_calls(gm, quantized.linear) == 2
+    assert len(lowered_configs(gm)) == 3 and all(q.kernels for q in lowered_configs(gm))
+
+
+@pytest.mark.parametrize("recipe", ["fp8-train", "mxfp4-train"])
+def test_training_sites_keep_their_structure_with_kernels_on(recipe):
+    gm, plans, parameters, _, _ = quantized_graph(recipe, frozen=True)
+    before = [n.target for n in gm.graph.nodes]
+    lower_to_kernels(gm, plans, parameters, frozen=True)
+    assert [n.target for n in gm.graph.nodes] == before
+    assert lowered_configs(gm) and all(q.kernels for q in lowered_configs(gm))
+
+
+def test_kernels_triton_on_the_cpu_warns():
+    qm = qpass.compile(nn.Linear(64, 64), "fp8-train", backend="aot_eager", kernels="triton")
+    with pytest.warns(UserWarning, match="reference implementations"):
+        qm(torch.randn(4, 64))
+
+
+def test_compile_rejects_unknown_kernels():
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'.*auto, triton, reference"):
+        qpass.compile(nn.Linear(4, 4), "fp8-train", kernels="cuda")
+
+
+def run(model, recipe, kernels, x, grad):
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    qm = qpass.compile(copy.deepcopy(model), recipe, backend="aot_eager", kernels=kernels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kernels='triton' on the CPU
+        if not grad:
+            with torch.no_grad():
+                return qm(x), None
+        out = qm(x)
+        out.square().sum().backward()
+        return out, [p.grad for p in qm.parameters()]
+
+
+@pytest.mark.parametrize(
+    "recipe, grad",
+    [("mxfp4-weight-only", False), ("fp8-infer", False), ("nvfp4-infer", False), ("mxfp4-infer", False),
+     ("fp8-infer", True), ("mxfp8-train", True), ("nvfp4-train", True), ("mxfp4-train", True),
+     ("fp8-train", True)],
+)
+def test_lowered_graph_on_cpu_computes_the_reference(recipe, grad):
+    model, x = Block(), torch.randn(2, 8, 64)
+    reference, reference_grads = run(model, recipe, "reference", x, grad)
+    lowered, lowered_grads = run(model, recipe, "triton", x, grad)
+    assert torch.equal(lowered, reference)
+    for a, b in zip(lowered_grads or [], reference_grads or []):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    monkeypatch.setattr(qpass.ops, "KERNEL_DEVICES", {"cuda", "cpu"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["mxfp4-weight-only", "nvfp4-infer", "mxfp4-infer", "fp8-infer"])
+def test_lowered_inference_graph_runs_the_triton_kernels(recipe, kernels_on_cpu, monkeypatch):
+    import qpass.codegen as codegen
+
+    calls, weight_matmul = [], codegen.weight_matmul
+    monkeypatch.setattr(codegen, "weight_matmul", lambda *args, **kwargs: calls.append(1) or weight_matmul(*args, **kwargs))
+    model, x = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)), torch.randn(3, 64)
+    lowered, _ = run(model, recipe, "triton", x, grad=False)
+    reference, _ = run(model, recipe, "reference", x, grad=False)
+    assert len(calls) == 2  # both linears, packed
+    # fp32 accumulation in another order than the reference's matmul
+    torch.testing.assert_close(lowered, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lowered_training_graph_runs_the_triton_kernels(kernels_on_cpu, monkeypatch):
+    """mxfp8-train's operands quantized by the kernels in all three GEMMs: the same bits."""
+    import qpass.codegen as codegen
+
+    calls, fake_quantize = [], codegen.fake_quantize
+    monkeypatch.setattr(codegen, "fake_quantize", lambda *args, **kwargs: calls.append(1) or fake_quantize(*args, **kwargs))
+    model, x = nn.Sequential(nn.Linear(64, 32)), torch.randn(4, 64)
+    reference, reference_grads = run(model, "mxfp8-train", "reference", x, grad=True)
+    assert not calls
+    lowered, lowered_grads = run(model, "mxfp8-train", "triton", x, grad=True)
+    assert len(calls) == 6  # two operands in each of the three GEMMs
+    assert torch.equal(lowered, reference)
+    for a, b in zip(lowered_grads, reference_grads):
+        assert torch.equal(a, b)
