@@ -151,7 +151,7 @@ def test_lowered_training_graph_runs_the_triton_kernels(kernels_on_cpu, monkeypa
     reference, reference_grads = run(model, "mxfp8-train", "reference", x, grad=True)
     assert not calls
     lowered, lowered_grads = run(model, "mxfp8-train", "triton", x, grad=True)
-    assert len(calls) == 6  # two operands in each of the three GEMMs
+    assert len(calls) == 4  # two operands in fprop and in wgrad (x needs no gradient: no dgrad)
     assert torch.equal(lowered, reference)
     for a, b in zip(lowered_grads, reference_grads):
         assert torch.equal(a, b)
