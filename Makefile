@@ -41,6 +41,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/formats_cpu.py
 	$(BENCH_VENV)/bin/python bench/compile_overhead.py
 	$(BENCH_VENV)/bin/python bench/rotation_ppl.py
+	$(BENCH_VENV)/bin/python bench/kernels_gpu.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .hypothesis
