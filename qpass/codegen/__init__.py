@@ -7,5 +7,6 @@ under ``TRITON_INTERPRET=1``).
 """
 
 from qpass.codegen.quantize import dequantize, fake_quantize, quantize
+from qpass.codegen.matmul import weight_matmul
 
-__all__ = ["dequantize", "fake_quantize", "quantize"]
+__all__ = ["dequantize", "fake_quantize", "quantize", "weight_matmul"]

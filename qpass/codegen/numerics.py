@@ -119,6 +119,19 @@ def div_rn(a, b):
 
 
 @triton.jit
+def cast_rn(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` as ``DTYPE`` (a store's element type), rounded to nearest even as torch's ``.to``.
+    bfloat16 is rounded on the bits: the interpreter's fp32-to-bf16 cast truncates."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # carries into the exponent as RNE does
+        rounded = tl.where(is_nan(x), 0x7FC0, rounded)  # torch's NaN (a carry could turn one into Inf)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def filled(like, value):
     """A tensor shaped like ``like`` holding ``value`` (to divide a constant by a tensor)."""
     return tl.zeros_like(like) + value

@@ -154,7 +154,7 @@ def _quantize_kernel(
     else:
         out = tl.reshape(tl.reshape(values, (BLOCK_R, GROUPS, GROUP_LEN)) * decode[:, :, None], (BLOCK_R, BLOCK_L))
         offsets = b.to(tl.int64) * out_stride_b + rows[:, None].to(tl.int64) * out_stride_r + cols[None, :].to(tl.int64) * out_stride_l
-        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_rows & (cols[None, :] < LOUT))
+        tl.store(out_ptr + offsets, nm.cast_rn(out, out_ptr.dtype.element_ty), mask=in_rows & (cols[None, :] < LOUT))
 
 
 @triton.autotune(configs=elementwise_configs(), key=["R", "L"], prune_configs_by={"early_config_prune": prune_elementwise})
@@ -197,7 +197,7 @@ def _dequantize_kernel(
         decode = nm.decode_element(stored.to(tl.int32), 4, 3, -6, False, True, False) * g
     out = tl.reshape(tl.reshape(values, (BLOCK_R, GROUPS, GROUP_LEN)) * decode[:, :, None], (BLOCK_R, BLOCK_L))
     offsets = b.to(tl.int64) * out_stride_b + rows[:, None].to(tl.int64) * out_stride_r + cols[None, :].to(tl.int64) * out_stride_l
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_rows & (cols[None, :] < L))
+    tl.store(out_ptr + offsets, nm.cast_rn(out, out_ptr.dtype.element_ty), mask=in_rows & (cols[None, :] < L))
 
 
 # ---- launchers -----------------------------------------------------------------------------------
@@ -327,13 +327,15 @@ def fake_quantize(
     signs: torch.Tensor | None = None, seed: int | None = None,
 ) -> torch.Tensor:
     """:func:`qpass.fake_quantize` (after ``rotation``, fused) in one pass, in ``x``'s dtype."""
+    scalar = x.ndim == 0 and rotation is None  # quantized as one element, returned 0-dim as torch's is
     x, axis = _with_axis(x, axis)
     shape = list(x.shape)
     if rotation is not None:
         shape[axis] = rotation.padded(shape[axis])
     out, out3 = _output(shape, x.dtype, x.device, axis)
     _run_quantize(x, quantizer, axis, rotation, signs, seed, out3)
-    return _finish(out, out3, axis)
+    out = _finish(out, out3, axis)
+    return out.reshape(()) if scalar else out
 
 
 def _with_axis(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:

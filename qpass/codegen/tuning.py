@@ -41,7 +41,7 @@ def prune_elementwise(configs, named_args, **kwargs):
 
 
 def matmul_configs() -> list[triton.Config]:
-    """BLOCK_M x BLOCK_N x BLOCK_K tiles for the quantized matmul."""
+    """BLOCK_M x BLOCK_N x BLOCK_K tiles for the quantized matmul (:mod:`qpass.codegen.matmul`)."""
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
     return [
@@ -51,3 +51,18 @@ def matmul_configs() -> list[triton.Config]:
             (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
         )
     ]
+
+
+def prune_matmul(configs, named_args, **kwargs):
+    """Keep the matmul tiles whose BLOCK_K holds whole activation scaling blocks (the activations are
+    quantized per tile, each block's amax taken in registers), and at least one MX block of 32 for
+    ``tl.dot_scaled``. Weight blocks need nothing: a K tile smaller than a weight block lies inside
+    it. (The kernel also widens BLOCK_K to the block itself, since Triton's autotuner skips pruning
+    when there is a single config, as under the interpreter.)"""
+    needed = 16  # tl.dot's smallest K
+    if kwargs.get("QUANTIZE_X") and kwargs.get("X_GRANULARITY", 0) >= 2:  # activation blocks or tiles
+        needed = max(needed, kwargs.get("X_GROUP", 0))
+    if kwargs.get("DOT_SCALED"):
+        needed = max(needed, 32)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] % needed == 0]
+    return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": needed}, num_warps=4)]
