@@ -52,7 +52,7 @@ def _load_tile(x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotatio
     return x
 
 
-@triton.autotune(configs=elementwise_configs(), key=["R", "L"], prune_configs_by={"early_config_prune": prune_elementwise})
+@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"], prune_configs_by={"early_config_prune": prune_elementwise})
 @triton.jit
 def _amax_kernel(x_ptr, amax_ptr, rotation_ptr, R, L, stride_b, stride_r, stride_l,
                  PER_ROW: tl.constexpr, GROUP: tl.constexpr, GRANULARITY: tl.constexpr,
@@ -103,7 +103,7 @@ def _group_scales(x, amax_ptr, b, rows, R, EBITS: tl.constexpr, MBITS: tl.conste
     return encode, decode, stored
 
 
-@triton.autotune(configs=elementwise_configs(), key=["R", "L"], prune_configs_by={"early_config_prune": prune_elementwise})
+@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"], prune_configs_by={"early_config_prune": prune_elementwise})
 @triton.jit
 def _quantize_kernel(
     x_ptr, amax_ptr, rotation_ptr, out_ptr, scales_ptr, seed,
@@ -157,7 +157,7 @@ def _quantize_kernel(
         tl.store(out_ptr + offsets, nm.cast_rn(out, out_ptr.dtype.element_ty), mask=in_rows & (cols[None, :] < LOUT))
 
 
-@triton.autotune(configs=elementwise_configs(), key=["R", "L"], prune_configs_by={"early_config_prune": prune_elementwise})
+@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"], prune_configs_by={"early_config_prune": prune_elementwise})
 @triton.jit
 def _dequantize_kernel(
     codes_ptr, scales_ptr, tensor_scale_ptr, out_ptr, R, L, LP, out_stride_b, out_stride_r, out_stride_l,
