@@ -281,10 +281,10 @@ def _weight_matmul_kernel(
             if DOT_BF16:  # exact values: the conversions do not round
                 x, w = x.to(tl.bfloat16), w.to(tl.bfloat16)
                 if UPCAST_BF16:  # the interpreter's tl.dot multiplies bf16's uint16 storage as integers
-                    x, w = x.to(tl.float32), w.to(tl.float32)  # exact: the same products
+                    x, w = nm.to_float32(x), nm.to_float32(w)  # exact: the same products
                 acc = tl.dot(x, tl.trans(w), acc)
             else:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                acc = tl.dot(nm.to_float32(x), tl.trans(w), acc, input_precision="ieee")
     # The outer factors, once per output.
     if W_SCALING == ABSMAX and W_GRANULARITY == TENSOR:
         acc = acc * tl.load(w_scales_ptr)
@@ -295,7 +295,7 @@ def _weight_matmul_kernel(
     if X_SPLIT and (X_SCALING == NVFP4 or X_GRANULARITY < BLOCK):
         acc = acc * _activation_outer(amax_ptr, b, rows, R, X_MAX_NORMAL, X_SCALING, X_GRANULARITY, X_POW2)[:, None]
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        acc = acc + nm.to_float32(tl.load(bias_ptr + n, mask=n < N, other=0.0))[None, :]
     out_rows = (b * R + rows).to(tl.int64)
     tl.store(out_ptr + out_rows[:, None] * N + n[None, :], nm.cast_rn(acc, out_ptr.dtype.element_ty),
              mask=(rows[:, None] < R) & (n[None, :] < N))

@@ -119,6 +119,16 @@ def div_rn(a, b):
 
 
 @triton.jit
+def to_float32(x):
+    """``x`` (fp32, bf16 or fp16) as fp32, exactly. bfloat16 is widened on the bits: the
+    interpreter's bf16-to-fp32 cast renormalizes subnormals into wrong values."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def cast_rn(x, DTYPE: tl.constexpr):
     """fp32 ``x`` as ``DTYPE`` (a store's element type), rounded to nearest even as torch's ``.to``.
     bfloat16 is rounded on the bits: the interpreter's fp32-to-bf16 cast truncates."""

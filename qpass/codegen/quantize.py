@@ -11,9 +11,10 @@ One template per job, specialized by a :class:`~qpass.codegen.spec.KernelSpec`:
 Each reads its input through strides as ``[B, R, L]`` with L the quantization axis, so quantizing a
 weight or an activation along a non-last axis (the backward GEMMs' operands) reads the tensor in
 place instead of a transposed copy. A fused Hadamard rotation multiplies each row's L-blocks by the
-block matrix with ``tl.dot`` before the amax. Results match :mod:`qpass.formats` bit for bit
-(the rotation up to fp32 summation order; stochastic rounding in distribution: its random stream is
-Philox, not torch's).
+block matrix with ``tl.dot`` before the amax, in fp32 (a bf16 or fp16 input's rotated values are
+not rounded back to its dtype: qpass.ops rotates ``x.float()``). Results match :mod:`qpass.formats`
+bit for bit (the rotation up to fp32 summation order; stochastic rounding in distribution: its
+random stream is Philox, not torch's).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qpass.codegen import numerics as nm
-from qpass.codegen.spec import KernelSpec, kernel_spec
+from qpass.codegen.spec import KernelSpec, kernel_spec, unsupported
 from qpass.codegen.tuning import elementwise_configs, prune_elementwise
 from qpass.formats import nvfp4
 from qpass.formats.api import resolve_arguments
@@ -43,7 +44,7 @@ def _load_tile(x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotatio
     """An fp32 ``[BLOCK_R, BLOCK_L]`` tile, zero beyond the tensor, rotated when HADAMARD > 0."""
     mask = (rows[:, None] < R) & (cols[None, :] < L)
     offsets = b.to(tl.int64) * stride_b + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_l
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = nm.to_float32(tl.load(x_ptr + offsets, mask=mask, other=0.0))
     if HADAMARD > 0:
         h = tl.arange(0, HADAMARD)
         matrix = tl.load(rotation_ptr + h[:, None] * HADAMARD + h[None, :])
@@ -236,7 +237,6 @@ def _run_quantize(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Ro
                   signs: torch.Tensor | None, seed: int | None, out: torch.Tensor | None):
     """Launch the amax pre-pass (if the scale needs it) and the quantize kernel. ``out`` given: write
     the dequantized values there (its axis last, as ``[B, R, L]``); else return codes and scales."""
-    resolve_arguments(x, quantizer.spec, axis, None, quantizer.rounding, None, None, None)
     spec = kernel_spec(quantizer.spec, quantizer.rounding, rotation.block if rotation is not None else 0)
     x3 = _as_3d(x.movedim(axis, -1))
     length = x3.shape[-1]
@@ -265,6 +265,16 @@ def _run_quantize(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Ro
     return codes, scales, amax, x3, padded, spec
 
 
+def _check(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Rotation | None) -> None:
+    """The reference's errors for bad arguments (an empty or integer tensor, an axis out of range),
+    then a ValueError naming what the kernels cannot run (float64, a full-size rotation, blocks that
+    are not a power of two) before anything is allocated or launched."""
+    resolve_arguments(x, quantizer.spec, axis, None, quantizer.rounding, None, None, None)
+    reason = unsupported(quantizer, rotation, x.dtype)
+    if reason is not None:
+        raise ValueError(f"no Triton kernel for {quantizer}: {reason}")
+
+
 def _empty_scales(spec: KernelSpec, rows: int, padded: int, device) -> torch.Tensor:
     if spec.granularity in ("block", "tile"):
         return torch.empty(rows, padded // spec.GROUP, dtype=torch.float32 if spec.scaling == "absmax" else torch.uint8, device=device)
@@ -280,6 +290,7 @@ def quantize(
     ``rotation`` (a block Hadamard) is applied along ``axis`` first, fused into the kernel; the
     QTensor then describes the rotated tensor. ``seed`` seeds stochastic rounding (default: drawn
     from torch's generator)."""
+    _check(x, quantizer, axis, rotation)
     shape = list(x.shape)
     x, axis = _with_axis(x, axis)
     codes, scales, amax, x3, padded, spec = _run_quantize(x, quantizer, axis, rotation, signs, seed, None)
@@ -327,6 +338,7 @@ def fake_quantize(
     signs: torch.Tensor | None = None, seed: int | None = None,
 ) -> torch.Tensor:
     """:func:`qpass.fake_quantize` (after ``rotation``, fused) in one pass, in ``x``'s dtype."""
+    _check(x, quantizer, axis, rotation)
     scalar = x.ndim == 0 and rotation is None  # quantized as one element, returned 0-dim as torch's is
     x, axis = _with_axis(x, axis)
     shape = list(x.shape)
