@@ -109,8 +109,7 @@ def compile(
     if isinstance(getattr(model, "_qpass", None), QpassState):
         warnings.warn("this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
         model._qpass.detach_from(model)
-    state = QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph))
-    state.kernels = kernels
+    state = QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph), kernels)
     state.attach(model)
     model._compiled_call_impl = compiled_call(model, state.options)
     return model

@@ -51,12 +51,12 @@ class _Namespace(nn.Module):
 
 
 class QpassState(_Namespace):
-    def __init__(self, recipe, backend: str, options: dict):
+    def __init__(self, recipe, backend: str, options: dict, kernels: str = "reference"):
         super().__init__()
         self.recipe = recipe
         self.backend = backend
         self.options = options  # torch.compile's (dynamic, fullgraph)
-        self.kernels = "reference"  # qpass.compile's kernels=: "auto", "triton" or "reference"
+        self.kernels = kernels  # qpass.compile's kernels=: "auto", "triton" or "reference"
         self._model = None  # weak reference to the model this state is attached to
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph
         self.notes: list[str] = []  # what the passes said about whole graphs (residual rotation)
@@ -91,7 +91,7 @@ class QpassState(_Namespace):
         """
         from qpass.compile import compiled_call  # qpass.compile builds on this module
 
-        twin = QpassState(copy.deepcopy(self.recipe, memo), self.backend, dict(self.options))
+        twin = QpassState(copy.deepcopy(self.recipe, memo), self.backend, dict(self.options), self.kernels)
         twin._pending = {k: v.detach().clone() for k, v in {**self._pending, **self.state_dict()}.items()}
         twin._hooks = self._hooks  # the model's copy has copies of the hooks, which find the twin
         model_copy = memo.get(id(self._model())) if self._model is not None else None

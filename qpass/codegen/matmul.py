@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from qpass.codegen import numerics as nm
-from qpass.codegen.quantize import _amax_kernel, _as_3d, _draw_seed, _grid, _group_scales, _load_tile
+from qpass.codegen.quantize import _amax_kernel, _as_3d, _draw_seed, _grid, _load_tile, _quantize_tile
 from qpass.codegen.spec import KERNEL_DTYPES, KernelSpec, kernel_spec, unsupported
 from qpass.codegen.tuning import INTERPRETING, matmul_configs, prune_matmul
 from qpass.formats.qtensor import QTensor
@@ -138,27 +138,6 @@ def _weight_tile(
             stored = tl.load(scales_ptr + n.to(tl.int64) * (KP // GROUP) + k0 // GROUP, mask=n < N, other=0)
             values = values * _inner_scale(stored, SCALING)[:, None]
     return values
-
-
-@triton.jit
-def _quantized_activations(
-    x, amax_ptr, seed, b, rows, cols, R, XP, EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-    EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr, IS_INT: tl.constexpr,
-    SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
-    POW2: tl.constexpr, ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The fp32 x tile quantized along K as ``_quantize_kernel`` quantizes it: element values
-    ``[BLOCK_M, BLOCK_K]``, and the decode and stored scales ``[BLOCK_M, GROUPS]``."""
-    GROUP_LEN: tl.constexpr = GROUP if GRANULARITY >= BLOCK else BLOCK_K
-    GROUPS: tl.constexpr = BLOCK_K // GROUP_LEN
-    encode, decode, stored = _group_scales(
-        x, amax_ptr, b, rows, R, EBITS, MBITS, EMIN, EMAX, MAX_NORMAL, HAS_INF, HAS_NAN, IS_INT,
-        SCALING, GRANULARITY, GROUP, SCALE_MODE, POW2, GROUPS, GROUP_LEN, BLOCK_M,
-    )
-    scaled = tl.reshape(tl.reshape(x, (BLOCK_M, GROUPS, GROUP_LEN)) * encode[:, :, None], (BLOCK_M, BLOCK_K))
-    element_index = (b * R + rows)[:, None] * XP + cols[None, :]  # as the quantize kernel numbers them
-    values = nm.round_to_element(scaled, element_index, seed, ROUNDING, MBITS, EMIN, MAX_NORMAL, HAS_INF, IS_INT)
-    return values, decode, stored
 
 
 @triton.jit
@@ -245,7 +224,7 @@ def _weight_matmul_kernel(
         cols = k0 + tl.arange(0, TILE_K)
         x = _load_tile(x_ptr, b[:, None], rows, cols, R, K, stride_xb, stride_xr, stride_xk, x_ptr, 0, TILE_M, TILE_K)
         if DOT_SCALED:  # MX codes and E8M0 scales of both operands straight to the MX tensor cores
-            values, decode, stored = _quantized_activations(
+            values, decode, stored = _quantize_tile(
                 x, amax_ptr, seed, b, rows, cols, R, XP, X_EBITS, X_MBITS, X_EMIN, X_EMAX, X_MAX_NORMAL,
                 X_HAS_INF, X_HAS_NAN, X_IS_INT, X_SCALING, X_GRANULARITY, X_GROUP, X_SCALE_MODE, X_POW2,
                 X_ROUNDING, TILE_M, TILE_K,
@@ -263,7 +242,7 @@ def _weight_matmul_kernel(
             acc = tl.dot_scaled(a, stored.to(tl.uint8), X_FORMAT, tl.trans(w), w_scales.to(tl.uint8), W_FORMAT, acc)
         else:
             if QUANTIZE_X:
-                values, decode, stored = _quantized_activations(
+                values, decode, stored = _quantize_tile(
                     x, amax_ptr, seed, b, rows, cols, R, XP, X_EBITS, X_MBITS, X_EMIN, X_EMAX, X_MAX_NORMAL,
                     X_HAS_INF, X_HAS_NAN, X_IS_INT, X_SCALING, X_GRANULARITY, X_GROUP, X_SCALE_MODE, X_POW2,
                     X_ROUNDING, TILE_M, TILE_K,

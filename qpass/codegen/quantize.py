@@ -104,6 +104,28 @@ def _group_scales(x, amax_ptr, b, rows, R, EBITS: tl.constexpr, MBITS: tl.conste
     return encode, decode, stored
 
 
+@triton.jit
+def _quantize_tile(
+    x, amax_ptr, seed, b, rows, cols, R, LP, EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+    EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr, IS_INT: tl.constexpr,
+    SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
+    POW2: tl.constexpr, ROUNDING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """The fp32 tile ``x`` quantized along its columns: element values ``[BLOCK_R, BLOCK_L]``, and the
+    decode and stored scales ``[BLOCK_R, GROUPS]``. Stochastic rounding numbers the elements
+    ``(b * R + row) * LP + col``, so every kernel draws the same bits for the same element."""
+    GROUP_LEN: tl.constexpr = GROUP if GRANULARITY >= BLOCK else BLOCK_L
+    GROUPS: tl.constexpr = BLOCK_L // GROUP_LEN
+    encode, decode, stored = _group_scales(
+        x, amax_ptr, b, rows, R, EBITS, MBITS, EMIN, EMAX, MAX_NORMAL, HAS_INF, HAS_NAN, IS_INT,
+        SCALING, GRANULARITY, GROUP, SCALE_MODE, POW2, GROUPS, GROUP_LEN, BLOCK_R,
+    )
+    scaled = tl.reshape(tl.reshape(x, (BLOCK_R, GROUPS, GROUP_LEN)) * encode[:, :, None], (BLOCK_R, BLOCK_L))
+    element_index = (b * R + rows)[:, None] * LP + cols[None, :]
+    values = nm.round_to_element(scaled, element_index, seed, ROUNDING, MBITS, EMIN, MAX_NORMAL, HAS_INF, IS_INT)
+    return values, decode, stored
+
+
 @triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"], prune_configs_by={"early_config_prune": prune_elementwise})
 @triton.jit
 def _quantize_kernel(
@@ -123,15 +145,12 @@ def _quantize_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     x = _load_tile(x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotation_ptr, HADAMARD, BLOCK_R, BLOCK_L)
+    values, decode, stored = _quantize_tile(
+        x, amax_ptr, seed, b, rows, cols, R, LP, EBITS, MBITS, EMIN, EMAX, MAX_NORMAL, HAS_INF, HAS_NAN, IS_INT,
+        SCALING, GRANULARITY, GROUP, SCALE_MODE, POW2, ROUNDING, BLOCK_R, BLOCK_L,
+    )
     GROUP_LEN: tl.constexpr = GROUP if GRANULARITY >= BLOCK else BLOCK_L
     GROUPS: tl.constexpr = BLOCK_L // GROUP_LEN
-    encode, decode, stored = _group_scales(
-        x, amax_ptr, b, rows, R, EBITS, MBITS, EMIN, EMAX, MAX_NORMAL, HAS_INF, HAS_NAN, IS_INT,
-        SCALING, GRANULARITY, GROUP, SCALE_MODE, POW2, GROUPS, GROUP_LEN, BLOCK_R,
-    )
-    scaled = tl.reshape(tl.reshape(x, (BLOCK_R, GROUPS, GROUP_LEN)) * encode[:, :, None], (BLOCK_R, BLOCK_L))
-    element_index = (b * R + rows[:, None]) * LP + cols[None, :]
-    values = nm.round_to_element(scaled, element_index, seed, ROUNDING, MBITS, EMIN, MAX_NORMAL, HAS_INF, IS_INT)
     in_rows = rows[:, None] < R
     if WRITE_CODES:
         codes = nm.encode_element(values, EBITS, MBITS, EMIN, HAS_INF, HAS_NAN, IS_INT)
@@ -262,7 +281,7 @@ def _run_quantize(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Ro
         x3, amax, matrix, target, scales, seed, x3.shape[1], length, padded, rotated, *x3.stride(), *out_strides,
         WRITE_CODES=out is None, **spec.constexprs(),
     )
-    return codes, scales, amax, x3, padded, spec
+    return codes, scales, amax, spec
 
 
 def _check(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Rotation | None) -> None:
@@ -293,7 +312,7 @@ def quantize(
     _check(x, quantizer, axis, rotation)
     shape = list(x.shape)
     x, axis = _with_axis(x, axis)
-    codes, scales, amax, x3, padded, spec = _run_quantize(x, quantizer, axis, rotation, signs, seed, None)
+    codes, scales, amax, spec = _run_quantize(x, quantizer, axis, rotation, signs, seed, None)
     moved = list(x.movedim(axis, -1).shape)
     if rotation is not None:
         shape[axis] = moved[-1] = rotation.padded(moved[-1])
@@ -316,14 +335,10 @@ def _global_scale(amax_bits: torch.Tensor) -> torch.Tensor:
 
 def _output(shape: list[int], dtype: torch.dtype, device, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A contiguous result of ``shape`` and its ``[B, R, L]`` view with ``axis`` last. Where no such
-    view exists (an inner axis of a 4-d tensor), the kernel writes a moved copy: returned second,
-    moved back by :func:`_finish`."""
+    view exists (an inner axis of a 4-d tensor), the kernel writes a moved copy (``_as_3d``'s
+    reshape): returned second, moved back by :func:`_finish`."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    moved = out.movedim(axis, -1)
-    try:
-        return out, moved.view(-1, *moved.shape[-2:]) if moved.ndim >= 2 else moved.view(1, 1, -1)
-    except RuntimeError:
-        return out, torch.empty(moved.shape, dtype=dtype, device=device).view(-1, *moved.shape[-2:])
+    return out, _as_3d(out.movedim(axis, -1))
 
 
 def _finish(out: torch.Tensor, out3: torch.Tensor, axis: int) -> torch.Tensor:

@@ -61,12 +61,17 @@ class KernelSpec:
         return asdict(self)
 
 
+def _odd_blocks(spec: FormatSpec) -> bool:
+    """Blocks that are not a power of two: a Triton tile cannot hold a whole number of them."""
+    return spec.blocked and bool(spec.block_size & (spec.block_size - 1))
+
+
 def unsupported(quantizer: Quantizer, rotation: Rotation | None = None, dtype: torch.dtype = torch.float32) -> str | None:
     """Why the kernels cannot run ``quantizer`` (with ``rotation``) on ``dtype``, or None when they can."""
     spec = quantizer.spec
     if dtype not in KERNEL_DTYPES:
         return f"{dtype} inputs: the kernels take {', '.join(str(d) for d in KERNEL_DTYPES)}"
-    if spec.blocked and spec.block_size & (spec.block_size - 1):
+    if _odd_blocks(spec):
         return f"blocks of {spec.block_size}: the kernels take power-of-two blocks"
     if rotation is not None and rotation.block is None:
         return "a full-size Hadamard rotation: the kernels fuse 16- to 128-point blocks"
@@ -77,7 +82,7 @@ def unsupported(quantizer: Quantizer, rotation: Rotation | None = None, dtype: t
 def kernel_spec(spec: FormatSpec, rounding: str = "rne", hadamard: int = 0) -> KernelSpec:
     """The constexprs of format ``spec`` rounded by ``rounding``, with a fused ``hadamard``-point
     rotation (0: none)."""
-    if spec.blocked and spec.block_size & (spec.block_size - 1):
+    if _odd_blocks(spec):
         raise ValueError(f"no Triton kernel for {spec.name} in blocks of {spec.block_size}: the kernels take power-of-two blocks")
     element = spec.element
     return KernelSpec(

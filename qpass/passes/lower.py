@@ -50,7 +50,7 @@ def _packed_weight(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], froz
     (q,) = _configs(node)
     if weight is None or weight.ndim != 2 or q.quantizes_backward or q.b is None or q.a_state or q.b_state:
         return None
-    if not (frozen or not weight.requires_grad):
+    if weight.requires_grad and not frozen:  # a weight that trains cannot be a snapshot
         return None
     operands = [q.b] + ([q.a] if q.a is not None else [])
     if any(unsupported(quantizer, q.rotation, weight.dtype) for quantizer in operands):
@@ -58,12 +58,14 @@ def _packed_weight(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], froz
     return weight
 
 
+def _weights_to_pack(plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], frozen: bool) -> dict[str, torch.Tensor | None]:
+    """Every quantized site's weight to pack, or None where the site keeps its structure."""
+    return {plan.name: _packed_weight(plan, parameters, frozen) for plan in plans if plan.excluded is None}
+
+
 def lowering(plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], frozen: bool) -> dict[str, str]:
     """Analysis: site name -> ``"packed"`` or ``"kernels"`` for every quantized site."""
-    return {
-        plan.name: PACKED if _packed_weight(plan, parameters, frozen) is not None else KERNELS
-        for plan in plans if plan.excluded is None
-    }
+    return {name: KERNELS if weight is None else PACKED for name, weight in _weights_to_pack(plans, parameters, frozen).items()}
 
 
 def _pack(gm: fx.GraphModule, plan: SitePlan, weight: torch.Tensor) -> None:
@@ -107,11 +109,11 @@ def lower_to_kernels(
 ) -> fx.GraphModule:
     """Rewrite every quantized site of ``plans`` onto the generated kernels (see the module doc);
     ``frozen``: the graph runs without gradients, so inference weights can be packed."""
-    decisions = lowering(plans, parameters, frozen)
+    weights = _weights_to_pack(plans, parameters, frozen)
     for plan in plans:
-        if decisions.get(plan.name) == PACKED:
-            _pack(gm, plan, _packed_weight(plan, parameters, frozen))
-        elif plan.name in decisions:
+        if weights.get(plan.name) is not None:
+            _pack(gm, plan, weights[plan.name])
+        elif plan.name in weights:
             _use_kernels(plan)
     gm.graph.lint()
     gm.recompile()

@@ -33,12 +33,12 @@ class Block(nn.Module):
         return self.down(h) + (h @ h.mT) @ x
 
 
-def quantized_graph(recipe, frozen, **overrides):
+def quantized_graph(recipe, **overrides):
     module, x = Block(), torch.randn(2, 8, 64)
-    gm, parameters, inputs = capture(module, x)
+    gm, parameters, _ = capture(module, x)
     plans = plan_sites(find_sites(gm.graph, parameters), qpass.get_recipe(recipe).with_overrides(**overrides), set())
     insert_quantizers(gm, plans)
-    return gm, plans, parameters, module, inputs
+    return gm, plans, parameters
 
 
 def lowered_configs(gm):
@@ -50,7 +50,7 @@ def lowered_configs(gm):
 
 @pytest.mark.parametrize("recipe", ["mxfp4-weight-only", "fp8-infer", "nvfp4-infer", "mxfp4-infer"])
 def test_frozen_inference_linears_are_packed(recipe):
-    gm, plans, parameters, _, _ = quantized_graph(recipe, frozen=True)
+    gm, plans, parameters = quantized_graph(recipe)
     decisions = lowering(plans, parameters, frozen=True)
     assert decisions["up"] == decisions["down"] == PACKED
     assert decisions.get("matmul", KERNELS) == KERNELS  # two activations: nothing to pack
@@ -63,7 +63,7 @@ def test_frozen_inference_linears_are_packed(recipe):
 
 
 def test_weights_that_train_are_not_packed():
-    gm, plans, parameters, _, _ = quantized_graph("fp8-infer", frozen=False)
+    gm, plans, parameters = quantized_graph("fp8-infer")
     assert set(lowering(plans, parameters, frozen=False).values()) == {KERNELS}
     lower_to_kernels(gm, plans, parameters, frozen=False)
     assert count_calls(gm, PACKED_LINEAR) == 0
@@ -73,7 +73,7 @@ def test_weights_that_train_are_not_packed():
 
 @pytest.mark.parametrize("recipe", ["fp8-train", "mxfp4-train"])
 def test_training_sites_keep_their_structure_with_kernels_on(recipe):
-    gm, plans, parameters, _, _ = quantized_graph(recipe, frozen=True)
+    gm, plans, parameters = quantized_graph(recipe)
     before = [n.target for n in gm.graph.nodes]
     lower_to_kernels(gm, plans, parameters, frozen=True)
     assert [n.target for n in gm.graph.nodes] == before
@@ -155,3 +155,8 @@ def test_lowered_training_graph_runs_the_triton_kernels(kernels_on_cpu, monkeypa
     assert torch.equal(lowered, reference)
     for a, b in zip(lowered_grads, reference_grads):
         assert torch.equal(a, b)
+
+
+def test_a_copied_model_keeps_its_kernels_choice():
+    qm = qpass.compile(nn.Linear(64, 64), "fp8-train", backend="aot_eager", kernels="triton")
+    assert copy.deepcopy(qm)._qpass.kernels == "triton"
