@@ -221,7 +221,13 @@ def _full_transform(x: Tensor, transpose: bool) -> Tensor:
     if m > 1:
         factor = _matrix_on(m, x.dtype, x.device)  # H_m / sqrt(m)
         y = y @ (factor.T if transpose else factor)
-    return (_walsh_hadamard(y) / math.sqrt(2**a)).reshape(x.shape)
+    return (_walsh_hadamard(y) * _inverse_sqrt(2**a, x.dtype)).reshape(x.shape)
+
+
+def _inverse_sqrt(n: int, dtype: torch.dtype) -> float:
+    """``1 / sqrt(n)`` rounded to ``dtype`` first, so that the one multiply by it is the same fp32
+    operation in every implementation of the transform (the ONNX export's included)."""
+    return 1 / math.sqrt(n) if dtype == torch.float64 else torch.tensor(1 / math.sqrt(n), dtype=dtype).item()
 
 
 def _check_signs(signs: Tensor | None, length: int, what: str) -> None:
@@ -262,10 +268,19 @@ def hadamard_transform(
     if block < 1 or n % block:
         raise ValueError(f"Hadamard block size {block} does not divide the last axis' length {n}")
     _check_signs(signs, block, f"{block}-point blocks")
+    blocks = y.reshape(*x.shape[:-1], n // block, block)
+    if block & (block - 1) == 0:
+        # Sums and differences in a fixed order, then one multiply: unlike a matmul (whose summation
+        # order depends on the BLAS and the shape), every implementation gets the same bits.
+        if signs is not None and not inverse:
+            blocks = blocks * signs
+        out = _walsh_hadamard(blocks.unsqueeze(-1)).squeeze(-1) * _inverse_sqrt(block, compute)
+        if signs is not None and inverse:
+            out = out * signs
+        return out.reshape(x.shape).to(x.dtype)
     rotation = _matrix_on(block, compute, x.device)
     if signs is not None:
         rotation = signs[:, None] * rotation  # diag(signs) @ H_b
-    blocks = y.reshape(*x.shape[:-1], n // block, block)
     out = blocks @ (rotation.T if inverse else rotation)
     return out.reshape(x.shape).to(x.dtype)
 

@@ -367,3 +367,25 @@ def packed_linear(x: Tensor, bias: Tensor | None, weight: str, out_features: int
 @packed_linear.register_fake
 def _(x, bias, weight, out_features, input_quantizer, rotation):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# ---- stored weights (qpass.onnx) -----------------------------------------------------------------
+
+
+@torch.library.custom_op("qpass::dequantize_packed", mutates_args=())
+def dequantize_packed(
+    codes: Tensor, scales: Tensor, tensor_scale: Tensor | None, quantizer: str, shape: list[int], axis: int, dtype: torch.dtype
+) -> Tensor:
+    """``dequantize`` of a QTensor whose codes and scales are graph constants: a weight quantized
+    once, at export (:mod:`qpass.onnx.prepare`). ``codes`` and ``scales`` may be typed views of the
+    stored bytes (float8, float4 x2, int8), which the ONNX exporter writes as those types."""
+    qt = QTensor(
+        codes=codes.view(torch.uint8), scales=scales if scales.dtype == torch.float32 else scales.view(torch.uint8),
+        format=Quantizer.from_json(quantizer).spec, shape=torch.Size(shape), axis=axis, dtype=dtype, tensor_scale=tensor_scale,
+    )
+    return qt.dequantize()
+
+
+@dequantize_packed.register_fake
+def _(codes, scales, tensor_scale, quantizer, shape, axis, dtype):
+    return codes.new_empty(shape, dtype=dtype)

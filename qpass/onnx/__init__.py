@@ -1,0 +1,13 @@
+"""ONNX export of qpass inference recipes (needs the ``onnx`` extra: onnx, onnxruntime, onnxscript).
+
+``qpass.export_onnx(model, example_inputs, path, dialect="portable"|"qdq")`` writes the model;
+``qpass.onnx.check(path, model, inputs)`` validates it against qpass's PyTorch output;
+``qpass.onnx.session(path)`` opens a portable export in ONNX Runtime.
+"""
+
+from qpass.onnx.export import export_onnx
+from qpass.onnx.numerics import UnsupportedExport
+from qpass.onnx.prepare import UnsupportedSite
+from qpass.onnx.translation import DIALECTS
+
+__all__ = ["DIALECTS", "UnsupportedExport", "UnsupportedSite", "export_onnx"]

@@ -1,0 +1,164 @@
+"""``qpass.export_onnx``: an ONNX model of a qpass inference recipe, weights stored quantized.
+
+The path: :func:`qpass.export` (torch.export with qpass's passes) → :func:`~qpass.onnx.prepare.store_weights`
+(each weight quantized once, its codes and scales kept) → :func:`~qpass.onnx.prepare.check_exportable`
+→ torch.export again → ``torch.onnx.export(dynamo=True)`` with qpass's ops translated by
+:mod:`qpass.onnx.translation`. The exporter's optimizer is off: it would fold small dequantized
+weights back into fp32 constants.
+
+Dialects:
+
+- ``"portable"`` (opset 21): only operators that ONNX Runtime's CPU provider runs. Weights are uint8
+  codes and scales expanded by table lookups; activations are fake-quantized in arithmetic.
+- ``"qdq"`` (opset 24): the ONNX standard form. Weights are FLOAT8E4M3FN / FLOAT8E5M2 /
+  FLOAT4E2M1 / INT8 initializers with (blocked) DequantizeLinear, MX scales FLOAT8E8M0, NVFP4's
+  scales two chained DequantizeLinear; activations QuantizeLinear → DequantizeLinear with scales
+  computed in the graph. ``onnx.reference`` runs it; ONNX Runtime's CPU provider does not (it has
+  no FLOAT4E2M1 or FLOAT8E8M0 kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import ml_dtypes
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from qpass.compile import export as qpass_export
+from qpass.onnx.prepare import check_exportable, store_weights
+from qpass.onnx.translation import DIALECTS, translation_table
+
+OPSETS = {"portable": 21, "qdq": 24}
+
+
+def _shapes_like(args: tuple, kwargs: dict | None, spec) -> tuple | dict:
+    """torch.export's ``dynamic_shapes`` for these inputs: ``spec(i, tensor)`` per tensor input."""
+    leaves = [*args, *(kwargs or {}).values()]
+    specs = [spec(i, v) if isinstance(v, torch.Tensor) else None for i, v in enumerate(leaves)]
+    if not kwargs:
+        return tuple(specs)
+    return {**dict(zip(range(len(args)), specs[: len(args)])), **dict(zip(kwargs, specs[len(args):]))}
+
+
+def auto_dynamic_shapes(args: tuple, kwargs: dict | None = None):
+    """Every dim of every input tensor ``Dim.AUTO``: dynamic unless the model pins it (a hidden
+    size), which is how batch and sequence lengths come out dynamic."""
+    return _shapes_like(args, kwargs, lambda i, t: {d: torch.export.Dim.AUTO for d in range(t.ndim)})
+
+
+def _resolved_shapes(program: torch.export.ExportedProgram, args: tuple, kwargs: dict | None):
+    """The dims that an ``AUTO`` export left dynamic, as ``Dim.DYNAMIC``, and every other dim static:
+    exporting again with these gives static dims as plain ints (the quantization axes must be)."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shapes = [placeholders[name].meta["val"].shape for name in program.graph_signature.user_inputs]
+
+    def spec(i, tensor):
+        return {d: torch.export.Dim.DYNAMIC for d, size in enumerate(shapes[i]) if not is_concrete_int(size)}
+
+    return _shapes_like(args, kwargs, spec)
+
+
+def to_onnx(
+    program: torch.export.ExportedProgram | nn.Module, dialect: str, args: tuple = (), kwargs: dict | None = None,
+    dynamic_shapes=None,
+) -> ir.Model:
+    """The ONNX model of a program (or module) holding ATen and qpass ops, in ``dialect``."""
+    table = translation_table(dialect)
+    with _quiet():
+        onnx_program = torch.onnx.export(
+            program, args, kwargs=kwargs, dynamo=True, opset_version=OPSETS[dialect], optimize=False,
+            custom_translation_table=table, dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+    model = onnx_program.model
+    # Per node, the exporter records a stack trace: most of a small model's file. And the numerics'
+    # tables and constants are built per op: one copy of each is enough.
+    ir.passes.common.ClearMetadataAndDocStringPass()(model)
+    _share_constants(model)
+    ir.passes.common.CommonSubexpressionEliminationPass()(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    if dialect == "qdq":
+        _type_e8m0_scales(model)
+    model.metadata_props["qpass.dialect"] = dialect
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints its progress and warns about things that do not concern qpass's users."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _share_constants(model: ir.Model) -> None:
+    """One Constant node per distinct value (tensors compare by identity in the CSE pass)."""
+    first: dict[tuple, ir.Value] = {}
+    for node in list(model.graph):
+        if node.op_type != "Constant" or "value" not in node.attributes:
+            continue
+        tensor = node.attributes["value"].as_tensor()
+        key = (tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+        if key in first:
+            node.outputs[0].replace_all_uses_with(first[key])
+            model.graph.remove(node, safe=True)
+        else:
+            first[key] = node.outputs[0]
+
+
+def _type_e8m0_scales(model: ir.Model) -> None:
+    """MX scales are stored as uint8 in torch (the exporter has no E8M0 type); the DequantizeLinear
+    that reads them as scales makes them FLOAT8E8M0, the same bytes."""
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear" or len(node.inputs) < 2:
+            continue
+        scale = node.inputs[1]
+        if scale is not None and scale.const_value is not None and scale.dtype == ir.DataType.UINT8:
+            scale.const_value = ir.Tensor(scale.const_value.numpy().view(ml_dtypes.float8_e8m0fnu), name=scale.name)
+            scale.dtype = ir.DataType.FLOAT8E8M0
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: tuple,
+    path: str | os.PathLike,
+    dialect: str = "portable",
+    *,
+    kwargs: dict | None = None,
+    dynamic_shapes="auto",
+) -> Path:
+    """Write ``model`` (compiled by :func:`qpass.compile` with an inference recipe) to ``path``.
+
+    ``example_inputs`` are traced; ``dynamic_shapes`` is torch.export's (``"auto"``: every input
+    dim dynamic unless the model pins it; None: all static). Raises
+    :class:`~qpass.onnx.prepare.UnsupportedSite`, naming each site, for what ONNX cannot express
+    exactly (training recipes, delayed scaling, stochastic rounding, ...).
+    """
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown ONNX dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    shapes = auto_dynamic_shapes(args, kwargs) if dynamic_shapes == "auto" else dynamic_shapes
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = qpass_export(model, args, kwargs, dynamic_shapes=shapes)
+            shapes = _resolved_shapes(program, args, kwargs) if dynamic_shapes == "auto" else shapes
+            gm = program.module()
+            store_weights(gm, dialect)
+            check_exportable(gm)
+            with _quiet():
+                program = torch.export.export(gm, args, kwargs, dynamic_shapes=shapes)
+            onnx_model = to_onnx(program, dialect)
+    finally:
+        model.train(was_training)
+    onnx_model.metadata_props["qpass.recipe"] = model._qpass.recipe.name
+    path = Path(path)
+    ir.save(onnx_model, path)
+    return path

@@ -1,0 +1,199 @@
+"""Getting a quantized graph ready for ONNX: weights stored quantized, and nothing that ONNX can't say.
+
+An inference graph quantizes its weights as it runs: ``quantize_dequantize`` of a parameter, after
+views, rotations or channel splits computed from it. Before export, :func:`store_weights` evaluates
+each such chain once, quantizes the result with the reference (:func:`qpass.quantize`), and puts
+``qpass::dequantize_packed`` of the codes and scales in its place; the codes and scales become the
+ONNX file's initializers, and the fp32 parameters they came from leave the graph.
+:func:`check_exportable` then rejects, naming the site, every qpass op an ONNX graph cannot express
+exactly, before the exporter would bury the reason in a traceback.
+
+Analysis (:func:`stored_weight_nodes`) is kept apart from rewriting (:func:`store_weights`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from qpass.formats import quantize
+from qpass.onnx.numerics import QDQ_TYPES
+from qpass.quantizer import Quantizer
+from qpass.rotation import Rotation
+
+QDQ = torch.ops.qpass.quantize_dequantize.default
+ROTATE = torch.ops.qpass.rotate.default
+DEQUANTIZE_PACKED = torch.ops.qpass.dequantize_packed.default
+
+# The torch dtypes that the exporter writes as the ONNX element types of the qdq dialect.
+TYPED_CODES = {
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "fp4_e2m1": torch.float4_e2m1fn_x2,
+    "int8": torch.int8,
+}
+
+
+class UnsupportedSite(ValueError):
+    """A site that the ONNX export cannot express: the message names it and says why."""
+
+
+def site_name(node: fx.Node) -> str:
+    """The module a node came from (its ``nn_module_stack``), as ``qpass.report`` names sites."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path, kind = list(stack.values())[-1] if stack else ("", "")
+    module = path or "<root>"
+    return f"{module} ({kind.rsplit('.', 1)[-1]})" if kind else module
+
+
+def _constants(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes computed from parameters, buffers and constants only."""
+    constant: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (
+            node.op == "call_function" and node.all_input_nodes and all(n in constant for n in node.all_input_nodes)
+        ):
+            constant.add(node)
+    return constant
+
+
+def stored_weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ``quantize_dequantize`` nodes of weights: their input is computed from constants only."""
+    constant = _constants(gm)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is QDQ and n.args[0] in constant]
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object]):
+    if node not in values:
+        if node.op == "get_attr":
+            values[node] = _fetch(gm, node.target)
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _evaluate(gm, n, values))
+            values[node] = node.target(*args, **kwargs)
+    return values[node]
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _source_name(node: fx.Node) -> str:
+    """A readable initializer name: the parameter the weight chain starts from."""
+    sources = [n for n in _ancestors(node) if n.op == "get_attr"]
+    name = sources[0].target if sources else node.name
+    return re.sub(r"\W", "_", name)
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen, order, stack = set(), [], [node]
+    while stack:
+        current = stack.pop()
+        for n in current.all_input_nodes:
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
+                stack.append(n)
+    return order
+
+
+def _stored_tensors(value: torch.Tensor, quantizer: Quantizer, axis: int, dialect: str) -> tuple[torch.Tensor, ...]:
+    """Codes, scales and tensor scale of ``value`` quantized (typed for the qdq dialect)."""
+    if quantizer.rounding == "stochastic":
+        raise ValueError("stochastic rounding")  # check_exportable's message names the site
+    qt = quantize(value.detach(), quantizer.spec, axis, rounding=quantizer.rounding)
+    codes, scales = qt.codes, qt.scales
+    element = quantizer.spec.element.name
+    if dialect == "qdq" and element in QDQ_TYPES:
+        codes = codes.view(TYPED_CODES[element])
+        if quantizer.spec.scaling == "nvfp4":
+            scales = scales.view(torch.float8_e4m3fn)
+    return codes, scales, qt.tensor_scale
+
+
+def store_weights(gm: fx.GraphModule, dialect: str) -> fx.GraphModule:
+    """Replace each weight's quantize-dequantize by ``dequantize_packed`` of its stored codes and
+    scales (module buffers), and drop the parameters no longer used."""
+    for node in stored_weight_nodes(gm):
+        quantizer = Quantizer.from_json(node.args[1])
+        axis = node.args[2]
+        value = _evaluate(gm, node.args[0], {})
+        try:
+            stored = _stored_tensors(value, quantizer, axis, dialect)
+        except ValueError as error:
+            raise UnsupportedSite(f"site {site_name(node)}: weight quantizer {quantizer}: {error}") from error
+        prefix = _source_name(node)
+        with gm.graph.inserting_before(node):
+            inputs = []
+            for suffix, tensor in zip(("codes", "scales", "tensor_scale"), stored):
+                if tensor is None:
+                    inputs.append(None)
+                    continue
+                name = _unused_name(gm, f"{prefix}_{suffix}")
+                gm.register_buffer(name, tensor.contiguous())
+                inputs.append(gm.graph.get_attr(name))
+            args = (*inputs, node.args[1], list(value.shape), axis % max(value.ndim, 1), value.dtype)
+            stored_node = gm.graph.call_function(DEQUANTIZE_PACKED, args)
+        stored_node.meta = dict(node.meta)
+        node.replace_all_uses_with(stored_node)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    _drop_unused_attributes(gm)
+    gm.recompile()
+    return gm
+
+
+def _unused_name(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 1
+    while hasattr(gm, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Delete parameters and buffers no graph node reads: torch.export would still lift them, and
+    they would land in the ONNX file as fp32 initializers."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    names = [name for name, _ in gm.named_parameters()] + [name for name, _ in gm.named_buffers()]
+    for name in names:
+        if name not in used:
+            owner, _, attribute = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attribute)
+
+
+def _unsupported(node: fx.Node) -> str | None:
+    """Why an ONNX graph cannot express ``node`` exactly (None: it can)."""
+    if node.op != "call_function" or not str(node.target).startswith("qpass."):
+        return None
+    if node.target is QDQ:
+        quantizer = Quantizer.from_json(node.args[1])
+        if len(node.args) > 3 and node.args[3]:
+            return f"{quantizer} with delayed scaling: its scale comes from an amax history updated at run time"
+        if quantizer.rounding == "stochastic":
+            return f"{quantizer}: stochastic rounding draws random numbers at run time"
+        if quantizer.spec.scaling == "nvfp4" and quantizer.spec.granularity == "tile":
+            return f"{quantizer} of an activation: its 16x16 tiles span a dynamic dimension"
+        length = node.args[0].meta["val"].shape[node.args[2]]
+        if not is_concrete_int(length):
+            return f"{quantizer} along an axis of dynamic length {length}"
+        return None
+    if node.target is ROTATE:
+        rotation = Rotation.from_json(node.args[1])
+        return f"{rotation}: fresh random signs at every call (a training rotation)" if rotation.resample else None
+    if node.target is DEQUANTIZE_PACKED:
+        return None
+    if "quantized_matmul" in str(node.target):
+        return "a training recipe's quantized GEMM (its backward quantizes); export an inference recipe"
+    return f"{node.target} has no ONNX translation (a graph lowered to kernels: compile with kernels='reference')"
+
+
+def check_exportable(gm: fx.GraphModule) -> None:
+    """Raise :class:`UnsupportedSite` listing every site an ONNX graph cannot express exactly."""
+    problems = [f"site {site_name(n)}: {why}" for n in gm.graph.nodes if (why := _unsupported(n)) is not None]
+    if problems:
+        raise UnsupportedSite("cannot export to ONNX without changing what the model computes:\n  " + "\n  ".join(problems))
