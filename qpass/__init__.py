@@ -20,6 +20,16 @@ from qpass.rotation import Hadamard, Rotation
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The ONNX export needs the onnx extra (onnx, onnxruntime, onnxscript): imported on first use.
+    if name in ("export_onnx", "onnx"):
+        import qpass.onnx
+
+        return qpass.onnx if name == "onnx" else qpass.onnx.export_onnx
+    raise AttributeError(f"module 'qpass' has no attribute {name!r}")
+
+
 __all__ = [
     "DGE",
     "DelayedScaling",
@@ -34,6 +44,7 @@ __all__ = [
     "compile",
     "dequantize",
     "export",
+    "export_onnx",
     "fake_quantize",
     "get_recipe",
     "qsnr",

@@ -277,6 +277,32 @@ def test_export_holds_the_quantized_ops_and_computes_the_same():
     assert any(n.target is torch.ops.qpass.quantized_matmul.default for n in plain.graph.nodes)
 
 
+class TinyLM(nn.Module):
+    """An embedding, a linear and an untied output projection onto the vocabulary."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 64)
+        self.hidden = nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 100)
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.hidden(self.embed(ids))))
+
+
+def test_export_finds_the_same_sites_as_compile():
+    """torch.export's graph holds aten.embedding(weight, indices), Dynamo's F.embedding(input,
+    weight): both must give the vocabulary that marks the untied lm_head as the output projection."""
+    qm = qpass.compile(TinyLM().eval(), "mxfp4-weight-only", backend="aot_eager")
+    ids = torch.randint(0, 100, (2, 8))
+    expected = qm(ids)
+    compiled = {row["site"]: row["quantized"] for row in qpass.report(qm).rows}
+    program = qpass.export(qm, (ids,))
+    assert {row["site"]: row["quantized"] for row in qpass.report(qm).rows} == compiled
+    assert compiled == {"embed": False, "hidden": True, "lm_head": False}
+    assert_same(program.module()(ids), expected)
+
+
 def test_recompiling_replaces_the_recipe_with_a_warning():
     qm = qpass.compile(nn.Linear(64, 64), "fp8-train", backend="aot_eager")
     with pytest.warns(UserWarning, match="already compiled"):

@@ -5,9 +5,12 @@
 ``qpass.onnx.session(path)`` opens a portable export in ONNX Runtime.
 """
 
-from qpass.onnx.export import export_onnx
+from qpass.onnx.check import CheckResult, check, run, session
+from qpass.onnx.export import export_fp32, export_onnx
 from qpass.onnx.numerics import UnsupportedExport
 from qpass.onnx.prepare import UnsupportedSite
 from qpass.onnx.translation import DIALECTS
 
-__all__ = ["DIALECTS", "UnsupportedExport", "UnsupportedSite", "export_onnx"]
+__all__ = [
+    "DIALECTS", "CheckResult", "UnsupportedExport", "UnsupportedSite", "check", "export_fp32", "export_onnx", "run", "session",
+]

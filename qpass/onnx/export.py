@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from qpass.compile import _uncompiled
 from qpass.compile import export as qpass_export
 from qpass.onnx.prepare import check_exportable, store_weights
 from qpass.onnx.translation import DIALECTS, translation_table
@@ -158,7 +159,26 @@ def export_onnx(
             onnx_model = to_onnx(program, dialect)
     finally:
         model.train(was_training)
-    onnx_model.metadata_props["qpass.recipe"] = model._qpass.recipe.name
+    return _save(onnx_model, path, model._qpass.recipe.name)
+
+
+def _save(onnx_model: ir.Model, path: str | os.PathLike, recipe: str) -> Path:
+    onnx_model.metadata_props["qpass.recipe"] = recipe
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ir.save(onnx_model, path)
     return path
+
+
+def export_fp32(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, *, kwargs: dict | None = None) -> Path:
+    """``model`` without qpass, exported the same way (the baseline that sizes and speeds compare to)."""
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        with _uncompiled(model), torch.no_grad(), _quiet():
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=auto_dynamic_shapes(args, kwargs))
+            onnx_model = to_onnx(program, "portable")
+    finally:
+        model.train(was_training)
+    return _save(onnx_model, path, "none (fp32)")

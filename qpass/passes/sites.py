@@ -302,7 +302,8 @@ def find_sites(graph: fx.Graph, parameters: dict[fx.Node, torch.Tensor]) -> list
         if kind is None:
             continue
         if kind == "embedding":
-            weight = node.args[1] if node.target is not torch.embedding else node.args[0]
+            # F.embedding(input, weight), but torch.embedding and aten.embedding(weight, indices)
+            weight = node.args[0] if node.target in (torch.embedding, aten.embedding.default) else node.args[1]
             operands, why = [weight], None
         else:
             operands, why = matmul_operands(node, kind)
