@@ -29,7 +29,7 @@ KERNELS = ("auto", "triton", "reference")
 
 
 def _get_attr_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
-    parameters = dict(gm.named_parameters())
+    parameters = dict(gm.named_parameters(remove_duplicate=False))  # a tied weight has two names
     return {n: parameters[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in parameters}
 
 

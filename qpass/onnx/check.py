@@ -9,12 +9,14 @@ fp32 memory for fp32 MatMul speed. bench/onnx_cpu.py measures both.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from onnx.reference import ReferenceEvaluator
@@ -22,26 +24,67 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from qpass.onnx.export import export_fp32
+from qpass.quantizer import Quantizer
+from qpass.rotation import Rotation
 
 
-def session(path: str | os.PathLike, fold_weights: bool = False, threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session; ``fold_weights``: let it fold the quantized weights to fp32 at load."""
+def session(path: str | os.PathLike | bytes, fold_weights: bool = False, threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of a file (or serialized model); ``fold_weights``: let it fold
+    the quantized weights to fp32 at load."""
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
     disabled = [] if fold_weights else ["ConstantFolding"]
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def run(path: str | os.PathLike, inputs, fold_weights: bool = False) -> list:
     """The model's outputs (numpy) for ``inputs`` (tensors, in the exported order): ONNX Runtime for
     a portable export, ``onnx.reference`` for a qdq one (ONNX Runtime has no FP4/E8M0 kernels)."""
-    model = onnx.load(str(path))
+    return _run(onnx.load(str(path)), inputs, fold_weights)
+
+
+def _run(model: onnx.ModelProto, inputs, fold_weights: bool = False) -> list:
     names = [i.name for i in model.graph.input]
     feeds = dict(zip(names, (t.detach().cpu().numpy() for t in tree_leaves(inputs) if isinstance(t, torch.Tensor))))
     if dialect(model) == "qdq":
         return ReferenceEvaluator(model).run(None, feeds)
-    return session(path, fold_weights).run(None, feeds)
+    return session(model.SerializeToString(), fold_weights).run(None, feeds)
+
+
+def _reference(entry: dict, x: torch.Tensor) -> torch.Tensor:
+    if entry["op"] == "qdq":
+        return Quantizer.from_json(entry["quantizer"])(x, entry["axis"])
+    return Rotation.from_json(entry["rotation"])(x, entry["axis"], entry["inverse"])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return bool(((a.view(bits) == b.view(bits)) | (a.isnan() & b.isnan())).all())
+
+
+def check_quantizers(path: str | os.PathLike, inputs) -> tuple[int, list[str]]:
+    """Rerun each activation quantize-dequantize and rotation of an export with qpass's reference,
+    on the very values it received when the file ran on ``inputs``: (how many were checked, the
+    ones whose output differs in any bit). Runtimes sum the ops between quantizers (matmuls, norms,
+    softmax) in their own order, so a quantizer's input may differ from PyTorch's in its last bit
+    and round to the other neighbour: this check is the exactness that does not depend on that."""
+    model = ir.load(str(path))
+    manifest = json.loads(model.metadata_props.get("qpass.quantizers", "[]"))
+    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in model.graph for v in node.outputs}
+    entries = [e for e in manifest if e["input"] in values and e["output"] in values]
+    extra = {name for e in entries for name in (e["input"], e["output"])} - {v.name for v in model.graph.outputs}
+    model.graph.outputs.extend(values[name] for name in sorted(extra))
+    proto = ir.to_proto(model)
+    results = dict(zip((o.name for o in proto.graph.output), _run(proto, inputs)))
+    mismatches = []
+    for entry in entries:
+        received, got = torch.from_numpy(results[entry["input"]]), torch.from_numpy(results[entry["output"]])
+        if not _same_bits(got, _reference(entry, received).to(got.dtype)):
+            mismatches.append(f"{entry['output']} ({entry.get('quantizer') or entry.get('rotation')}, axis {entry['axis']})")
+    return len(entries), mismatches
 
 
 def dialect(model: onnx.ModelProto) -> str:
@@ -57,11 +100,15 @@ class CheckResult:
     max_rel_error: float  # max |onnx - torch| / max |torch|, over every output
     size: int  # bytes
     fp32_size: int  # bytes of an fp32 export of the same model
+    quantizers_checked: int  # activation quantizers and rotations rerun on the values they received
+    quantizer_mismatches: list[str]  # those that gave other bits than qpass's reference
 
     def __str__(self) -> str:
+        exact = "all" if not self.quantizer_mismatches else f"NOT all ({', '.join(self.quantizer_mismatches)})"
         return (
-            f"{self.path.name} ({self.dialect}, run by {self.runtime}): onnx.checker passed; vs qpass in PyTorch: "
-            f"max abs error {self.max_abs_error:.3g}, max relative error {self.max_rel_error:.3g}; "
+            f"{self.path.name} ({self.dialect}, run by {self.runtime}): onnx.checker passed; "
+            f"{exact} of {self.quantizers_checked} activation quantizers and rotations give qpass's bits; "
+            f"vs qpass in PyTorch: max abs error {self.max_abs_error:.3g}, max relative error {self.max_rel_error:.3g}; "
             f"{self.size / 1e6:.3f} MB, {self.size / self.fp32_size:.3f}x the fp32 export's {self.fp32_size / 1e6:.3f} MB"
         )
 
@@ -87,4 +134,5 @@ def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | No
         with tempfile.TemporaryDirectory() as tmp:
             fp32_size = export_fp32(model, inputs, Path(tmp) / "fp32.onnx").stat().st_size
     runtime = "onnx.reference" if kind == "qdq" else f"onnxruntime {ort.__version__}"
-    return CheckResult(path, kind, runtime, abs_error, rel_error, path.stat().st_size, fp32_size)
+    checked, mismatches = check_quantizers(path, inputs)
+    return CheckResult(path, kind, runtime, abs_error, rel_error, path.stat().st_size, fp32_size, checked, mismatches)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import warnings
 from pathlib import Path
@@ -71,7 +72,8 @@ def to_onnx(
     dynamic_shapes=None,
 ) -> ir.Model:
     """The ONNX model of a program (or module) holding ATen and qpass ops, in ``dialect``."""
-    table = translation_table(dialect)
+    translated: list[dict] = []
+    table = translation_table(dialect, translated)
     with _quiet():
         onnx_program = torch.onnx.export(
             program, args, kwargs=kwargs, dynamo=True, opset_version=OPSETS[dialect], optimize=False,
@@ -87,6 +89,10 @@ def to_onnx(
     if dialect == "qdq":
         _type_e8m0_scales(model)
     model.metadata_props["qpass.dialect"] = dialect
+    # The activation quantizers and rotations by the names their values ended up with (the exporter
+    # renames them): qpass.onnx.check reruns each on the values it received.
+    manifest = [entry | {"input": entry["input"].name, "output": entry["output"].name} for entry in translated]
+    model.metadata_props["qpass.quantizers"] = json.dumps(manifest)
     return model
 
 
@@ -149,8 +155,10 @@ def export_onnx(
     model.eval()
     try:
         with torch.no_grad():
+            # The program holds qpass's ops (the quantize pass's graph calls Python functions).
             program = qpass_export(model, args, kwargs, dynamic_shapes=shapes)
-            shapes = _resolved_shapes(program, args, kwargs) if dynamic_shapes == "auto" else shapes
+            if dynamic_shapes == "auto":
+                shapes = _resolved_shapes(program, args, kwargs)
             gm = program.module()
             store_weights(gm, dialect)
             check_exportable(gm)

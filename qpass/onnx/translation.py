@@ -24,18 +24,25 @@ def _onnx_dtype(dtype):
     return torch_dtype_to_onnx_dtype(dtype) if isinstance(dtype, torch.dtype) else numerics.ir.DataType(dtype)
 
 
-def translation_table(dialect: str) -> dict:
+def translation_table(dialect: str, translated: list[dict] | None = None) -> dict:
+    """The table for ``dialect``; each activation quantizer and rotation translated is appended to
+    ``translated`` with its input and output values (named by the exporter once it is done)."""
     if dialect not in DIALECTS:
         raise ValueError(f"unknown ONNX dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     quantize = numerics.quantize_dequantize if dialect == "qdq" else numerics.fake_quantize
+    translated = [] if translated is None else translated
 
     def quantize_dequantize(x, quantizer: str, axis: int, state: str = ""):
         if state:
             raise UnsupportedExport("delayed scaling: its scale comes from an amax history updated at run time")
-        return quantize(x, Quantizer.from_json(quantizer), axis)
+        out = quantize(x, Quantizer.from_json(quantizer), axis)
+        translated.append({"op": "qdq", "input": x, "output": out, "quantizer": quantizer, "axis": axis})
+        return out
 
     def rotate(x, rotation: str, axis: int, inverse: bool = False):
-        return numerics.rotate(x, Rotation.from_json(rotation), axis, inverse)
+        out = numerics.rotate(x, Rotation.from_json(rotation), axis, inverse)
+        translated.append({"op": "rotate", "input": x, "output": out, "rotation": rotation, "axis": axis, "inverse": inverse})
+        return out
 
     def dequantize_packed(codes, scales, tensor_scale, quantizer: str, shape, axis: int, dtype):
         return numerics.dequantize_stored(

@@ -42,7 +42,7 @@ TOPK = (torch.topk, aten.topk.default, "topk")
 VIEWS = (
     torch.t, torch.transpose, torch.permute, torch.reshape, aten.t.default, aten.transpose.int,
     aten.permute.default, aten.view.default, aten.reshape.default, aten._to_copy.default,
-    aten.alias.default, aten.detach.default,
+    aten.alias.default, aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
     "t", "transpose", "permute", "view", "reshape", "to", "float", "half", "bfloat16", "type",
     "contiguous", "detach", "type_as",
 )
@@ -50,12 +50,12 @@ VIEWS = (
 SCORE_OPS = (
     operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add,
     torch.where, torch.masked_fill, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten._to_copy.default,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten._to_copy.default, aten.to.dtype,
     "mul", "div", "add", "sub", "masked_fill", "masked_fill_", "to", "float", "type", "type_as",
 )
 # Ops between the softmax and P·V.
-PROBABILITY_OPS = (F.dropout, torch.dropout, aten.dropout.default, aten._to_copy.default,
-                   "dropout", "to", "type", "type_as", "float", "contiguous")
+PROBABILITY_OPS = (F.dropout, torch.dropout, aten.dropout.default, aten._to_copy.default, aten.to.dtype,
+                   aten.clone.default, "dropout", "to", "type", "type_as", "float", "contiguous")
 # Ops between a router's logits and its top-k.
 ROUTER_OPS = (*SOFTMAX, torch.sigmoid, F.sigmoid, aten.sigmoid.default, "sigmoid", "to", "float", "view", "reshape")
 
