@@ -1,8 +1,12 @@
-"""The ``qpass`` command line: ``qpass formats`` prints what every named format costs and keeps."""
+"""The ``qpass`` command line: ``qpass formats`` prints what every named format costs and keeps;
+``qpass export`` writes an ONNX model of a model under an inference recipe."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -44,6 +48,48 @@ def print_format_table(rows: int, cols: int, seed: int = 0) -> None:
         print(f"{name:<12} {bits:>9.3f} {q_normal:>12.2f} {q_heavy:>10.2f}")
 
 
+def load_model(source: str, input_shape: list[int] | None) -> tuple[torch.nn.Module, tuple]:
+    """A model and example inputs from ``source``: a local Hugging Face model directory (example
+    token ids of ``input_shape``, default 1x16), or ``module:function`` / ``file.py:function``
+    returning a model (then a float input of ``input_shape``) or a ``(model, example_inputs)`` pair."""
+    if Path(source, "config.json").is_file():
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(source)
+        config.use_cache = False
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, config=config)
+        return model, (torch.randint(0, config.vocab_size, input_shape or [1, 16]),)
+    module_name, _, function = source.rpartition(":")
+    if not module_name or not function:
+        raise SystemExit(f"qpass export: {source!r} is neither a Hugging Face model directory nor module:function")
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    made = getattr(module, function)()
+    if isinstance(made, tuple):
+        model, inputs = made
+        return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if input_shape is None:
+        raise SystemExit(f"qpass export: {source} returns a model without example inputs; give --input-shape")
+    return made, (torch.randn(input_shape),)
+
+
+def export_command(args: argparse.Namespace) -> None:
+    import qpass
+    import qpass.onnx
+
+    model, inputs = load_model(args.model, args.input_shape)
+    model.eval()
+    compiled = qpass.compile(model, args.recipe, backend="aot_eager")
+    path = qpass.onnx.export_onnx(compiled, inputs, args.output, dialect=args.dialect)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.dialect} dialect, recipe {args.recipe})")
+    if args.check:
+        print(qpass.onnx.check(path, compiled, inputs))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qpass", description="qpass: low-precision quantization for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,9 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     formats.add_argument("--rows", type=int, default=256)
     formats.add_argument("--cols", type=int, default=4096)
     formats.add_argument("--seed", type=int, default=0)
+    export = commands.add_parser("export", help="write an ONNX model of a model under an inference recipe")
+    export.add_argument("model", help="a Hugging Face model directory, or module:function / file.py:function")
+    export.add_argument("--recipe", required=True, help="an inference recipe, e.g. mxfp4-weight-only")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--dialect", default="portable", choices=("portable", "qdq"))
+    export.add_argument("--input-shape", type=lambda text: [int(d) for d in text.split("x")],
+                        help="example input shape, e.g. 1x16 (token ids of a HF model) or 2x8x256")
+    export.add_argument("--check", action="store_true", help="validate the file against qpass in PyTorch")
     args = parser.parse_args(argv)
     if args.command == "formats":
         print_format_table(args.rows, args.cols, args.seed)
+    elif args.command == "export":
+        export_command(args)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from qpass.formats import QTensor
+from qpass.formats.packing import unpack_fp6
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 from qpass.state import delayed_state
@@ -378,10 +379,15 @@ def dequantize_packed(
 ) -> Tensor:
     """``dequantize`` of a QTensor whose codes and scales are graph constants: a weight quantized
     once, at export (:mod:`qpass.onnx.prepare`). ``codes`` and ``scales`` may be typed views of the
-    stored bytes (float8, float4 x2, int8), which the ONNX exporter writes as those types."""
+    stored bytes (float8, float4 x2, int8), which the ONNX exporter writes as those types; fp6 codes
+    are packed four to three bytes (:func:`~qpass.formats.packing.pack_fp6`)."""
+    spec = Quantizer.from_json(quantizer).spec
+    codes = codes.view(torch.uint8)
+    if spec.element.bits == 6:
+        codes = unpack_fp6(codes, spec.padded_length(shape[axis] if shape else 1))
     qt = QTensor(
-        codes=codes.view(torch.uint8), scales=scales if scales.dtype == torch.float32 else scales.view(torch.uint8),
-        format=Quantizer.from_json(quantizer).spec, shape=torch.Size(shape), axis=axis, dtype=dtype, tensor_scale=tensor_scale,
+        codes=codes, scales=scales if scales.dtype == torch.float32 else scales.view(torch.uint8),
+        format=spec, shape=torch.Size(shape), axis=axis, dtype=dtype, tensor_scale=tensor_scale,
     )
     return qt.dequantize()
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qpass.cli import format_table, main
 from qpass.formats import NAMED_FORMATS
@@ -45,3 +46,50 @@ def test_main_prints_table(capsys):
 def test_module_entry_point_rejects_unknown_command():
     result = subprocess.run([sys.executable, "-m", "qpass", "nope"], capture_output=True, text=True)
     assert result.returncode != 0 and "formats" in result.stderr
+
+
+# ---- qpass export --------------------------------------------------------------------------------
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)), (torch.randn(2, 8, 64),)
+
+def bare():
+    return nn.Linear(64, 64)
+'''
+
+
+def test_export_writes_and_checks_a_model_from_a_factory(tmp_path, capsys):
+    factory = tmp_path / "factory.py"
+    factory.write_text(FACTORY)
+    main(["export", f"{factory}:mlp", "--recipe", "mxfp4-weight-only", "-o", str(tmp_path / "mlp.onnx"), "--check"])
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'mlp.onnx'}" in out and "portable dialect, recipe mxfp4-weight-only" in out
+    assert "onnx.checker passed" in out and "max relative error" in out
+
+
+def test_export_of_a_hugging_face_directory(tmp_path, capsys):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    main(["export", str(tmp_path / "llama"), "--recipe", "fp8-infer", "--dialect", "qdq", "-o", str(tmp_path / "l.onnx"),
+          "--input-shape", "2x8"])
+    assert "qdq dialect, recipe fp8-infer" in capsys.readouterr().out
+    assert (tmp_path / "l.onnx").stat().st_size > 0
+
+
+def test_export_explains_what_it_cannot_load(tmp_path):
+    factory = tmp_path / "factory.py"
+    factory.write_text(FACTORY)
+    with pytest.raises(SystemExit, match="give --input-shape"):
+        main(["export", f"{factory}:bare", "--recipe", "fp8-infer", "-o", str(tmp_path / "x.onnx")])
+    with pytest.raises(SystemExit, match="neither a Hugging Face model directory nor module:function"):
+        main(["export", str(tmp_path), "--recipe", "fp8-infer", "-o", str(tmp_path / "x.onnx")])

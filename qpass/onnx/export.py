@@ -34,7 +34,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from qpass.compile import _uncompiled
 from qpass.compile import export as qpass_export
-from qpass.onnx.prepare import check_exportable, store_weights
+from qpass.onnx.prepare import E8M0_SCALES, check_exportable, store_weights
 from qpass.onnx.translation import DIALECTS, translation_table
 
 OPSETS = {"portable": 21, "qdq": 24}
@@ -120,15 +120,12 @@ def _share_constants(model: ir.Model) -> None:
 
 
 def _type_e8m0_scales(model: ir.Model) -> None:
-    """MX scales are stored as uint8 in torch (the exporter has no E8M0 type); the DequantizeLinear
-    that reads them as scales makes them FLOAT8E8M0, the same bytes."""
-    for node in model.graph:
-        if node.op_type != "DequantizeLinear" or len(node.inputs) < 2:
-            continue
-        scale = node.inputs[1]
-        if scale is not None and scale.const_value is not None and scale.dtype == ir.DataType.UINT8:
-            scale.const_value = ir.Tensor(scale.const_value.numpy().view(ml_dtypes.float8_e8m0fnu), name=scale.name)
-            scale.dtype = ir.DataType.FLOAT8E8M0
+    """MX scales are stored as uint8 in torch (the exporter has no E8M0 type): the ones the qdq
+    dialect reads as FLOAT8E8M0 (:data:`~qpass.onnx.prepare.E8M0_SCALES`) get that type, same bytes."""
+    for value in model.graph.initializers.values():
+        if value.name.endswith(E8M0_SCALES) and value.dtype == ir.DataType.UINT8:
+            value.const_value = ir.Tensor(value.const_value.numpy().view(ml_dtypes.float8_e8m0fnu), name=value.name)
+            value.dtype = ir.DataType.FLOAT8E8M0
 
 
 def export_onnx(

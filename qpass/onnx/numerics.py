@@ -118,7 +118,7 @@ def round_to_element(x, fmt: ElementFormat, rounding: str = "rne"):
         negative = op.Cast(op.Less(op.Div(constant(1.0), x), constant(0.0)), to=FLOAT)  # -0 too: 1 / -0 = -inf
         integral = op.Mul(integral, op.Sub(constant(1.0), op.Mul(negative, constant(2.0))))  # the sign, -0 too
     else:
-        raise UnsupportedExport(f"{rounding!r} rounding has no exact ONNX form (it draws random numbers at run time)")
+        raise UnsupportedExport(f"{rounding} rounding has no ONNX form: it draws random numbers at run time")
     values = op.Mul(integral, pow2(op.Sub(exponent, constant(float(fmt.mbits)))))
     values = op.Clip(values, constant(-fmt.max_normal), constant(fmt.max_normal))
     if fmt.is_int:  # two's complement has no -0 (an Add of 0 would be optimized away)
@@ -171,10 +171,10 @@ def move_back(x, layout: Layout):
 
 
 def to_groups(x, axis: int, spec: FormatSpec):
-    """fp32 ``x`` as ``[..., G, group_size]`` groups along ``axis``, and how to undo it."""
-    rank, axis, length = axis_length(x, axis)
+    """``x`` in fp32 as ``[..., G, group_size]`` groups along ``axis``, and how to undo it."""
+    rank, axis, length = axis_length(x, axis)  # of x itself: the exporter knows no shape after a Cast
     layout = Layout(rank, axis, length, spec.padded_length(length))
-    x = move_last(x, rank, axis, length, layout.padded)
+    x = move_last(_as_float(x), rank, axis, length, layout.padded)
     size = spec.group_size(length)
     return op.Reshape(x, ints([0] * (rank - 1) + [layout.padded // size, size])), layout
 
@@ -274,16 +274,10 @@ def _like(out, x):
     return out if x.dtype == FLOAT else op.Cast(out, to=x.dtype)
 
 
-def _check(quantizer: Quantizer) -> None:
-    if quantizer.rounding == "stochastic":
-        raise UnsupportedExport(f"{quantizer}: stochastic rounding draws random numbers at run time")
-
-
 def fake_quantize(x, quantizer: Quantizer, axis: int):
     """``quantizer(x, axis)`` in arithmetic: round the scaled groups, scale them back (portable)."""
-    _check(quantizer)
     spec = quantizer.spec
-    groups, layout = to_groups(_as_float(x), axis, spec)
+    groups, layout = to_groups(x, axis, spec)
     scales = group_scales(groups, spec)
     values = round_to_element(op.Mul(groups, scales.encode), spec.element, quantizer.rounding)
     return _like(from_groups(op.Mul(values, scales.decode), layout), x)
@@ -295,12 +289,11 @@ def quantize_dequantize(x, quantizer: Quantizer, axis: int):
     The scaled groups ``x · encode`` are quantized at scale 1 (the reference multiplies by
     ``encode``; QuantizeLinear's ``x / scale`` would round differently) and dequantized by
     ``decode``. NVFP4's ``decode`` is itself a DequantizeLinear of its E4M3 block scales by ``g``."""
-    _check(quantizer)
     spec = quantizer.spec
     element = spec.element
     if element.name not in QDQ_TYPES:
         return fake_quantize(x, quantizer, axis)
-    groups, layout = to_groups(_as_float(x), axis, spec)
+    groups, layout = to_groups(x, axis, spec)
     scales = group_scales(groups, spec)
     scaled = op.Mul(groups, scales.encode)
     if quantizer.rounding != "rne":  # QuantizeLinear rounds half to even: give it values on the grid
@@ -338,6 +331,28 @@ def _element_table(element: ElementFormat) -> np.ndarray:
 
 def _lookup(table: np.ndarray, codes):
     return op.Gather(constant(table), op.Cast(codes, to=INT64))
+
+
+def _fp6_values(packed, moved: list[int], element: ElementFormat):
+    """Values of fp6 codes packed four to three bytes (qpass.formats.packing.pack_fp6): each code is
+    a Gather of one byte's bits, or of the sum of two bytes' parts, then a Gather of its value."""
+    byte = np.arange(256)
+    values = code_table(element).numpy()
+    triples = op.Reshape(packed, ints(moved[:-1] + [-1, 3]))
+    b0, b1, b2 = (op.Cast(op.Gather(triples, constant(i, np.int64), axis=-1), to=INT64) for i in range(3))
+
+    def part(table, b):
+        return op.Gather(constant(table, np.int64), b)
+
+    codes = [
+        part(byte & 0x3F, b0),
+        op.Add(part(byte >> 6, b0), part((byte & 0xF) << 2, b1)),
+        op.Add(part(byte >> 4, b1), part((byte & 0x3) << 4, b2)),
+        part(byte >> 2, b2),
+    ]
+    quads = op.Concat(*(op.Unsqueeze(op.Gather(constant(values), c), ints([-1])) for c in codes), axis=-1)
+    unpacked = op.Reshape(quads, ints(moved[:-1] + [-1]))
+    return op.Slice(unpacked, ints([0]), ints([moved[-1]]), ints([-1]))
 
 
 def _e8m0_table() -> np.ndarray:
@@ -382,7 +397,8 @@ def dequantize_stored(codes, scales, tensor_scale, quantizer: Quantizer, shape: 
             out = op.DequantizeLinear(codes, decode) if spec.granularity == "tensor" else \
                 op.DequantizeLinear(codes, decode, axis=-1, block_size=size)
     else:
-        groups = op.Reshape(_lookup(_element_table(element), codes), ints(moved[:-1] + [layout.padded // size, size]))
+        values = _fp6_values(codes, moved, element) if element.bits == 6 else _lookup(_element_table(element), codes)
+        groups = op.Reshape(values, ints(moved[:-1] + [layout.padded // size, size]))
         decode = _stored_scale(spec, scales, tensor_scale, "portable")
         decode = decode if spec.granularity == "tensor" else op.Unsqueeze(decode, ints([-1]))
         out = op.Reshape(op.Mul(groups, decode), ints(moved))

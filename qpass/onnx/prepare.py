@@ -20,9 +20,9 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from qpass.formats import quantize
+from qpass.formats.packing import pack_fp6
 from qpass.onnx.numerics import QDQ_TYPES
 from qpass.quantizer import Quantizer
-from qpass.rotation import Rotation
 
 QDQ = torch.ops.qpass.quantize_dequantize.default
 ROTATE = torch.ops.qpass.rotate.default
@@ -35,6 +35,9 @@ TYPED_CODES = {
     "fp4_e2m1": torch.float4_e2m1fn_x2,
     "int8": torch.int8,
 }
+
+
+E8M0_SCALES = "e8m0_scales"
 
 
 class UnsupportedSite(ValueError):
@@ -83,11 +86,11 @@ def _fetch(gm: fx.GraphModule, target: str):
     return value
 
 
-def _source_name(node: fx.Node) -> str:
+def _source_name(gm: fx.GraphModule, node: fx.Node) -> str:
     """A readable initializer name: the parameter the weight chain starts from."""
-    sources = [n for n in _ancestors(node) if n.op == "get_attr"]
-    name = sources[0].target if sources else node.name
-    return re.sub(r"\W", "_", name)
+    parameters = dict(gm.named_parameters(remove_duplicate=False))
+    sources = [n.target for n in _ancestors(node) if n.op == "get_attr" and n.target in parameters]
+    return re.sub(r"\W", "_", sources[0] if sources else node.name)
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:
@@ -109,11 +112,21 @@ def _stored_tensors(value: torch.Tensor, quantizer: Quantizer, axis: int, dialec
     qt = quantize(value.detach(), quantizer.spec, axis, rounding=quantizer.rounding)
     codes, scales = qt.codes, qt.scales
     element = quantizer.spec.element.name
-    if dialect == "qdq" and element in QDQ_TYPES:
+    if quantizer.spec.element.bits == 6:  # no ONNX type below opset 28: the file stores 6 bits anyway
+        codes = pack_fp6(codes)
+    elif dialect == "qdq" and element in QDQ_TYPES:
         codes = codes.view(TYPED_CODES[element])
         if quantizer.spec.scaling == "nvfp4":
             scales = scales.view(torch.float8_e4m3fn)
     return codes, scales, qt.tensor_scale
+
+
+def _suffixes(quantizer: Quantizer, dialect: str) -> tuple[str, str, str]:
+    """The stored tensors' name endings; MX scales that the qdq dialect reads as FLOAT8E8M0 say so,
+    since the exporter writes them as uint8 and :mod:`qpass.onnx.export` retypes them by name."""
+    spec = quantizer.spec
+    e8m0 = dialect == "qdq" and spec.scaling == "mx" and spec.element.name in QDQ_TYPES
+    return "codes", E8M0_SCALES if e8m0 else "scales", "tensor_scale"
 
 
 def store_weights(gm: fx.GraphModule, dialect: str) -> fx.GraphModule:
@@ -127,10 +140,10 @@ def store_weights(gm: fx.GraphModule, dialect: str) -> fx.GraphModule:
             stored = _stored_tensors(value, quantizer, axis, dialect)
         except ValueError as error:
             raise UnsupportedSite(f"site {site_name(node)}: weight quantizer {quantizer}: {error}") from error
-        prefix = _source_name(node)
+        prefix = _source_name(gm, node)
         with gm.graph.inserting_before(node):
             inputs = []
-            for suffix, tensor in zip(("codes", "scales", "tensor_scale"), stored):
+            for suffix, tensor in zip(_suffixes(quantizer, dialect), stored):
                 if tensor is None:
                     inputs.append(None)
                     continue
@@ -182,10 +195,7 @@ def _unsupported(node: fx.Node) -> str | None:
         if not is_concrete_int(length):
             return f"{quantizer} along an axis of dynamic length {length}"
         return None
-    if node.target is ROTATE:
-        rotation = Rotation.from_json(node.args[1])
-        return f"{rotation}: fresh random signs at every call (a training rotation)" if rotation.resample else None
-    if node.target is DEQUANTIZE_PACKED:
+    if node.target in (ROTATE, DEQUANTIZE_PACKED):
         return None
     if "quantized_matmul" in str(node.target):
         return "a training recipe's quantized GEMM (its backward quantizes); export an inference recipe"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from qpass import dequantize, fake_quantize, quantize
 from qpass.formats.element import ELEMENT_FORMATS
-from qpass.formats.packing import pack_codes, unpack_codes
+from qpass.formats.packing import pack_codes, pack_fp6, unpack_codes, unpack_fp6
 
 ABSMAX_ELEMENTS = ["fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1"]
 MX_FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8"]
@@ -104,6 +104,22 @@ def test_byte_formats_are_not_packed(element):
     codes = torch.randint(0, 64, (3, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(pack_codes(codes, fmt), codes)
     assert torch.equal(unpack_codes(codes, fmt), codes)
+
+
+def test_fp6_dense_packing_hand_example():
+    """Four codes in a 24-bit little-endian word, code i in bits 6i..6i+5 (the ONNX export's fp6)."""
+    codes = torch.tensor([[0x3F, 0x01, 0x20, 0x15, 0x07]], dtype=torch.uint8)
+    word = 0x3F | 0x01 << 6 | 0x20 << 12 | 0x15 << 18
+    packed = pack_fp6(codes)
+    assert packed.tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16, 0x07, 0, 0]]  # padded to 8 codes
+    assert torch.equal(unpack_fp6(packed, 5), codes)
+
+
+def test_fp6_dense_pack_unpack_round_trip():
+    codes = torch.randint(0, 64, (3, 2, 41), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    packed = pack_fp6(codes)
+    assert packed.shape == (3, 2, 33)  # ceil(41 / 4) * 3 bytes: 6 bits per code
+    assert torch.equal(unpack_fp6(packed, 41), codes)
 
 
 @pytest.mark.parametrize(

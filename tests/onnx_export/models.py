@@ -13,7 +13,7 @@ import torch
 import transformers
 from torch import nn
 
-HIDDEN, VOCAB, LAYERS, HEADS, POSITIONS = 256, 512, 2, 4, 64
+HIDDEN, VOCAB, LAYERS, HEADS, POSITIONS = 256, 512, 1, 4, 64  # one layer: exports take a few seconds
 
 
 class MLP(nn.Module):
