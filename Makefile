@@ -42,6 +42,8 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/compile_overhead.py
 	$(BENCH_VENV)/bin/python bench/rotation_ppl.py
 	$(BENCH_VENV)/bin/python bench/kernels_gpu.py
+	$(BENCH_VENV)/bin/python bench/onnx_cpu.py
+	$(BENCH_VENV)/bin/python bench/onnx_agreement.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .hypothesis

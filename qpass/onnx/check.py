@@ -9,12 +9,15 @@ fp32 memory for fp32 MatMul speed. bench/onnx_cpu.py measures both.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -29,27 +32,61 @@ from qpass.rotation import Rotation
 
 
 def session(path: str | os.PathLike | bytes, fold_weights: bool = False, threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of a file (or serialized model); ``fold_weights``: let it fold
-    the quantized weights to fp32 at load."""
+    """An ONNX Runtime CPU session of a file (or serialized model). ``fold_weights``: let it fold
+    the quantized weights to fp32 at load (fp32 memory, fp32 speed); otherwise they stay quantized
+    in memory and are expanded at every run, with the CPU memory arena off."""
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    # Without folding, each run expands the weights to fp32 temporaries; ONNX Runtime's memory arena
+    # would keep them for good, taking back the memory the quantized weights saved.
+    options.enable_cpu_mem_arena = fold_weights
     disabled = [] if fold_weights else ["ConstantFolding"]
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
-def run(path: str | os.PathLike, inputs, fold_weights: bool = False) -> list:
-    """The model's outputs (numpy) for ``inputs`` (tensors, in the exported order): ONNX Runtime for
-    a portable export, ``onnx.reference`` for a qdq one (ONNX Runtime has no FP4/E8M0 kernels)."""
+def run(path: str | os.PathLike, inputs, fold_weights: bool = False) -> list[torch.Tensor]:
+    """The model's outputs for ``inputs`` (tensors, in the exported order): ONNX Runtime for a
+    portable export, ``onnx.reference`` for a qdq one (ONNX Runtime has no FP4/E8M0 kernels)."""
     return _run(onnx.load(str(path)), inputs, fold_weights)
 
 
-def _run(model: onnx.ModelProto, inputs, fold_weights: bool = False) -> list:
+def _run(model: onnx.ModelProto, inputs, fold_weights: bool = False) -> list[torch.Tensor]:
+    reference = dialect(model) == "qdq"
     names = [i.name for i in model.graph.input]
-    feeds = dict(zip(names, (t.detach().cpu().numpy() for t in tree_leaves(inputs) if isinstance(t, torch.Tensor))))
-    if dialect(model) == "qdq":
-        return ReferenceEvaluator(model).run(None, feeds)
-    return session(model.SerializeToString(), fold_weights).run(None, feeds)
+    tensors = [t.detach().cpu() for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    feeds = {name: to_runtime(t, reference) for name, t in zip(names, tensors)}
+    if reference:
+        outputs = ReferenceEvaluator(model).run(None, feeds)
+    else:
+        outputs = session(model.SerializeToString(), fold_weights).run_with_ort_values(None, feeds)
+    return [from_runtime(o) for o in outputs]
+
+
+# numpy has no bfloat16: onnx.reference takes ml_dtypes' arrays, ONNX Runtime OrtValues.
+
+
+def to_runtime(t: torch.Tensor, reference: bool):
+    """A tensor as ``onnx.reference`` (numpy) or ONNX Runtime (an OrtValue) takes it."""
+    if t.dtype != torch.bfloat16:
+        return t.numpy() if reference else ort.OrtValue.ortvalue_from_numpy(t.numpy())
+    raw = t.contiguous().view(torch.int16).numpy()
+    if reference:
+        return raw.view(ml_dtypes.bfloat16)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx.TensorProto.BFLOAT16)
+
+
+def from_runtime(value) -> torch.Tensor:
+    """Inverse of :func:`to_runtime` (an OrtValue holding bfloat16 is read from its buffer)."""
+    if isinstance(value, ort.OrtValue):
+        if value.data_type() != "tensor(bfloat16)":
+            return torch.from_numpy(value.numpy())
+        raw = (ctypes.c_char * value.tensor_size_in_bytes()).from_address(value.data_ptr())
+        return torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).reshape(value.shape())
+    value = np.asarray(value)
+    if value.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(value)
 
 
 def _reference(entry: dict, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +118,7 @@ def check_quantizers(path: str | os.PathLike, inputs) -> tuple[int, list[str]]:
     results = dict(zip((o.name for o in proto.graph.output), _run(proto, inputs)))
     mismatches = []
     for entry in entries:
-        received, got = torch.from_numpy(results[entry["input"]]), torch.from_numpy(results[entry["output"]])
+        received, got = results[entry["input"]], results[entry["output"]]
         if not _same_bits(got, _reference(entry, received).to(got.dtype)):
             mismatches.append(f"{entry['output']} ({entry.get('quantizer') or entry.get('rotation')}, axis {entry['axis']})")
     return len(entries), mismatches
@@ -128,7 +165,7 @@ def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | No
         raise AssertionError(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}")
     abs_error = rel_error = 0.0
     for out, ref in zip(got, expected):
-        error = (torch.from_numpy(out).float() - ref).abs().max().item()
+        error = (out.float() - ref).abs().max().item()
         abs_error, rel_error = max(abs_error, error), max(rel_error, error / max(ref.abs().max().item(), 1e-30))
     if fp32_size is None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -148,6 +148,11 @@ def export_onnx(
         raise ValueError(f"unknown ONNX dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     shapes = auto_dynamic_shapes(args, kwargs) if dynamic_shapes == "auto" else dynamic_shapes
+    if dynamic_shapes == "auto" and any(1 in t.shape for t in [*args, *(kwargs or {}).values()] if isinstance(t, torch.Tensor)):
+        warnings.warn(
+            "an example input has a dimension of size 1, which torch.export makes static: the ONNX model will "
+            "accept only size 1 there (give an example of size 2 or more to keep it dynamic)", stacklevel=2,
+        )
     was_training = model.training
     model.eval()
     try:

@@ -41,7 +41,7 @@ from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 
 FLOAT = ir.DataType.FLOAT
-INT64 = ir.DataType.INT64
+INT32 = ir.DataType.INT32  # Gather indices: half the bytes of int64, which weight expansion writes per element
 F32_MIN_EXP, F32_MAX_EXP = -149, 128  # the table's range: fp32's smallest subnormal up to 2^128 = inf
 F32_TINY = float(np.finfo(np.float32).tiny)
 F32_MAX = float(np.finfo(np.float32).max)
@@ -78,7 +78,7 @@ def _pow2_table() -> np.ndarray:
 
 def pow2(exponent):
     """``2^e`` (fp32, exact) for integer-valued fp32 ``e`` in [-149, 128]."""
-    index = op.Cast(op.Sub(exponent, constant(F32_MIN_EXP)), to=INT64)
+    index = op.Cast(op.Sub(exponent, constant(F32_MIN_EXP)), to=INT32)
     return op.Gather(constant(_pow2_table()), index)
 
 
@@ -330,7 +330,7 @@ def _element_table(element: ElementFormat) -> np.ndarray:
 
 
 def _lookup(table: np.ndarray, codes):
-    return op.Gather(constant(table), op.Cast(codes, to=INT64))
+    return op.Gather(constant(table), op.Cast(codes, to=INT32))
 
 
 def _fp6_values(packed, moved: list[int], element: ElementFormat):
@@ -339,10 +339,10 @@ def _fp6_values(packed, moved: list[int], element: ElementFormat):
     byte = np.arange(256)
     values = code_table(element).numpy()
     triples = op.Reshape(packed, ints(moved[:-1] + [-1, 3]))
-    b0, b1, b2 = (op.Cast(op.Gather(triples, constant(i, np.int64), axis=-1), to=INT64) for i in range(3))
+    b0, b1, b2 = (op.Cast(op.Gather(triples, constant(i, np.int64), axis=-1), to=INT32) for i in range(3))
 
     def part(table, b):
-        return op.Gather(constant(table, np.int64), b)
+        return op.Gather(constant(table, np.int32), b)
 
     codes = [
         part(byte & 0x3F, b0),

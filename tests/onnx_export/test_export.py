@@ -150,3 +150,11 @@ def test_a_bad_dialect_lists_the_known_ones(tmp_path):
     qm = qpass.compile(make("mlp"), "fp8-infer", backend="aot_eager")
     with pytest.raises(ValueError, match="expected one of portable, qdq"):
         export_onnx(qm, inputs("mlp", 2, 8), tmp_path / "x.onnx", dialect="tensorrt")
+
+
+def test_an_example_dimension_of_size_one_warns_that_it_will_be_static(tmp_path):
+    qm = qpass.compile(make("mlp"), "mxfp4-weight-only", backend="aot_eager")
+    with pytest.warns(UserWarning, match="dimension of size 1, which torch.export makes static"):
+        path = export_onnx(qm, inputs("mlp", 1, 8), tmp_path / "batch1.onnx")
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1 and dims[1].dim_param  # batch pinned, sequence still dynamic
