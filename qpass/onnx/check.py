@@ -162,7 +162,7 @@ def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | No
     with torch.no_grad():
         expected = [t.float() for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
     if len(got) != len(expected):
-        raise AssertionError(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}")
+        raise ValueError(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}: is it an export of this model?")
     abs_error = rel_error = 0.0
     for out, ref in zip(got, expected):
         error = (out.float() - ref).abs().max().item()

@@ -34,7 +34,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from qpass.compile import _uncompiled
 from qpass.compile import export as qpass_export
-from qpass.onnx.prepare import E8M0_SCALES, check_exportable, store_weights
+from qpass.report import report as qpass_report
+from qpass.state import QpassState
+from qpass.onnx.prepare import E8M0_SCALES, check_exportable, fold_constants, store_weights
 from qpass.onnx.translation import DIALECTS, translation_table
 
 OPSETS = {"portable": 21, "qdq": 24}
@@ -153,6 +155,7 @@ def export_onnx(
             "an example input has a dimension of size 1, which torch.export makes static: the ONNX model will "
             "accept only size 1 there (give an example of size 2 or more to keep it dynamic)", stacklevel=2,
         )
+    compiled = _decisions(model)
     was_training = model.training
     model.eval()
     try:
@@ -162,14 +165,33 @@ def export_onnx(
             if dynamic_shapes == "auto":
                 shapes = _resolved_shapes(program, args, kwargs)
             gm = program.module()
-            store_weights(gm, dialect)
+            fold_constants(store_weights(gm, dialect))
             check_exportable(gm)
             with _quiet():
                 program = torch.export.export(gm, args, kwargs, dynamic_shapes=shapes)
             onnx_model = to_onnx(program, dialect)
     finally:
         model.train(was_training)
+    exported = _decisions(model)
+    if compiled and exported != compiled:
+        changed = sorted(set(compiled.items()) ^ set(exported.items()))
+        warnings.warn(
+            f"torch.export's graph was quantized differently from the graph qpass.compile ran ({changed[:4]}...): "
+            "the ONNX model follows the export (qpass.report shows it now); please report this", stacklevel=2,
+        )
     return _save(onnx_model, path, model._qpass.recipe.name)
+
+
+def _decisions(model: nn.Module) -> dict[str, str]:
+    """Each site's quantization and the graph-wide notes, as qpass.report has them (empty before a
+    compiled model first ran)."""
+    state = getattr(model, "_qpass", None)
+    if not isinstance(state, QpassState):
+        return {}
+    report = qpass_report(model)
+    if not report.rows:
+        return {}
+    return {row["site"]: str(row["formats"]) for row in report.rows} | {f"note {i}": note for i, note in enumerate(report.notes)}
 
 
 def _save(onnx_model: ir.Model, path: str | os.PathLike, recipe: str) -> Path:

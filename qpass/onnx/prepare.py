@@ -53,11 +53,13 @@ def site_name(node: fx.Node) -> str:
 
 
 def _constants(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes computed from parameters, buffers and constants only."""
+    """Nodes computed from parameters, buffers and constants only (a stored weight's expansion is
+    not one: it is what the ONNX file must compute)."""
     constant: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr" or (
-            node.op == "call_function" and node.all_input_nodes and all(n in constant for n in node.all_input_nodes)
+            node.op == "call_function" and node.target is not DEQUANTIZE_PACKED
+            and node.all_input_nodes and all(n in constant for n in node.all_input_nodes)
         ):
             constant.add(node)
     return constant
@@ -155,6 +157,31 @@ def store_weights(gm: fx.GraphModule, dialect: str) -> fx.GraphModule:
         stored_node.meta = dict(node.meta)
         node.replace_all_uses_with(stored_node)
         gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    _drop_unused_attributes(gm)
+    gm.recompile()
+    return gm
+
+
+def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """Evaluate each subgraph of constants that the rest of the graph reads into one buffer (after
+    :func:`store_weights`: a rotated embedding table, channel-splitting bookkeeping), so that the
+    ONNX file holds its value rather than the ops, some of which (bit views) ONNX has no form of."""
+    constant = _constants(gm)
+    values: dict[fx.Node, object] = {}
+    for node in [n for n in constant if n.op == "call_function" and any(u not in constant for u in n.users)]:
+        value = _evaluate(gm, node, values)
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = _unused_name(gm, f"{_source_name(gm, node)}_folded")
+        gm.register_buffer(name, value.detach().contiguous())
+        with gm.graph.inserting_before(node):
+            folded = gm.graph.get_attr(name)
+        folded.meta = dict(node.meta)
+        node.replace_all_uses_with(folded)
+    for node in reversed(gm.graph.nodes):  # what nothing reads, asserts on constants included
+        if node in constant and node.op == "call_function" and not node.users:
+            gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     _drop_unused_attributes(gm)
     gm.recompile()

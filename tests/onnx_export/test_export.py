@@ -17,6 +17,7 @@ quantizers, the same sites as qpass.compile, and a bound that one flipped elemen
 from __future__ import annotations
 
 import functools
+import warnings
 
 import onnx
 import pytest
@@ -77,14 +78,23 @@ def ideal_size(qm, path) -> float:
     return total
 
 
+def exported_like_compiled(qm, x, path, dialect):
+    """Export ``qm``, which has run; the export must quantize the sites qpass.compile did, the same
+    way (export_onnx warns otherwise: here that is an error)."""
+    before = sites(qm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        path = export_onnx(qm, x, path, dialect, dynamic_shapes=None)
+    assert sites(qm) == before
+    return path
+
+
 def assert_exported(model: str, recipe: str, dialect: str, directory):
     qm = compiled(model, recipe)
     x = inputs(model, 2, 8)
     with torch.no_grad():
         qm(*x)
-    before = sites(qm)
-    path = export_onnx(qm, x, directory / f"{model}-{recipe}-{dialect}.onnx", dialect, dynamic_shapes=None)
-    assert sites(qm) == before, "the export quantized other sites than qpass.compile"
+    path = exported_like_compiled(qm, x, directory / f"{model}-{recipe}-{dialect}.onnx", dialect)
 
     result = check(path, qm, x, fp32_size=fp32_size(model, directory))
     assert result.dialect == dialect and not result.quantizer_mismatches, str(result)
@@ -137,6 +147,32 @@ def test_batch_and_sequence_are_dynamic(model, recipe, dialect, directory):
         result = check(path, qm, inputs(model, batch, seq, seed=batch), fp32_size=fp32_size(model, directory))
         assert not result.quantizer_mismatches and result.quantizers_checked > 0
         assert result.max_rel_error <= (FLIP_BOUND if model in HF_MODELS else 1e-5), str(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, recipe, overrides", [
+    ("llama", "mxfp4-infer", {"hadamard": ["block32", "residual"]}),  # QuaRot: the residual stream too
+    ("attention", "fp8-infer", {"ocs": 0.05}),
+], ids=["residual-rotation", "channel-splitting"])
+def test_rotations_and_channel_splits_are_carried_into_the_graph(model, recipe, overrides, directory):
+    """Folded rotations and splits are in the stored weights; online rotations and the inputs'
+    channel duplication are ops of the graph, and the whole still computes qpass's function."""
+    torch.compiler.reset()
+    qm = qpass.compile(make(model), recipe, backend="aot_eager", **overrides)
+    x = inputs(model, 2, 8)
+    with torch.no_grad():
+        qm(*x)
+    path = exported_like_compiled(qm, x, directory / f"{model}-{recipe}-transformed.onnx", "portable")
+    report = qpass.report(qm)
+    if model == "llama":
+        assert "residual stream of width 256 rotated" in str(report)
+    else:
+        assert sum(row["extra_channels"] for row in report.rows) > 0
+    result = check(path, qm, x, fp32_size=fp32_size(model, directory))
+    assert not result.quantizer_mismatches and result.quantizers_checked > 0, str(result)
+    assert result.max_rel_error <= (FLIP_BOUND if model in HF_MODELS else 1e-5), str(result)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ("Gather" in ops) and ({"Add", "Sub", "Concat"} <= ops)  # lookups; the butterflies
 
 
 def test_an_unsupported_site_fails_the_export_naming_it(tmp_path):

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import qpass
-from qpass.onnx.prepare import DEQUANTIZE_PACKED, QDQ, ROTATE, UnsupportedSite, check_exportable, store_weights
+from qpass.onnx.prepare import (
+    DEQUANTIZE_PACKED, QDQ, ROTATE, UnsupportedSite, check_exportable, fold_constants, store_weights,
+)
 from qpass.quantizer import Quantizer
 
 
@@ -75,6 +77,18 @@ def test_channel_splitting_is_folded_into_the_stored_weight():
     assert calls(gm, torch.ops.aten.index_select.default)  # the inputs' channel duplication
     assert torch.equal(gm(x), expected)
     assert gm.get_buffer("0_weight_codes").shape[-1] > 64  # K grew by the split channels
+
+
+def test_fold_constants_evaluates_what_the_graph_reads_from_parameters_but_keeps_stored_weights():
+    """After store_weights, channel splitting's bookkeeping (bit views of the split weights' steps)
+    and an asserted copy of a constant remain; fold_constants makes them buffers."""
+    gm, x = program_module("fp8-infer", ocs=0.05)
+    expected = gm(x)
+    store_weights(gm, "portable")
+    assert calls(gm, torch.ops.aten.view.dtype)  # ONNX has no form of a bit view
+    fold_constants(gm)
+    assert calls(gm, torch.ops.aten.view.dtype) == [] and len(calls(gm, DEQUANTIZE_PACKED)) == 2
+    assert torch.equal(gm(x), expected)
 
 
 def test_rotations_fold_into_weights_and_stay_online_on_inputs():
