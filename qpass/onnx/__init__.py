@@ -5,12 +5,13 @@
 ``qpass.onnx.session(path)`` opens a portable export in ONNX Runtime.
 """
 
-from qpass.onnx.check import CheckResult, check, run, session
+from qpass.onnx.check import CheckResult, check, check_quantizers, run, session
 from qpass.onnx.export import export_fp32, export_onnx
 from qpass.onnx.numerics import UnsupportedExport
 from qpass.onnx.prepare import UnsupportedSite
 from qpass.onnx.translation import DIALECTS
 
 __all__ = [
-    "DIALECTS", "CheckResult", "UnsupportedExport", "UnsupportedSite", "check", "export_fp32", "export_onnx", "run", "session",
+    "DIALECTS", "CheckResult", "UnsupportedExport", "UnsupportedSite", "check", "check_quantizers", "export_fp32",
+    "export_onnx", "run", "session",
 ]

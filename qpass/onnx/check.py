@@ -108,11 +108,18 @@ def check_quantizers(path: str | os.PathLike, inputs) -> tuple[int, list[str]]:
     ones whose output differs in any bit). Runtimes sum the ops between quantizers (matmuls, norms,
     softmax) in their own order, so a quantizer's input may differ from PyTorch's in its last bit
     and round to the other neighbour: this check is the exactness that does not depend on that."""
+    checked, mismatches, _ = _run_checking_quantizers(path, inputs)
+    return checked, mismatches
+
+
+def _run_checking_quantizers(path, inputs) -> tuple[int, list[str], list[torch.Tensor]]:
+    """:func:`check_quantizers`, and the model's outputs from the same run."""
     model = ir.load(str(path))
+    outputs = [v.name for v in model.graph.outputs]
     manifest = json.loads(model.metadata_props.get("qpass.quantizers", "[]"))
     values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in model.graph for v in node.outputs}
     entries = [e for e in manifest if e["input"] in values and e["output"] in values]
-    extra = {name for e in entries for name in (e["input"], e["output"])} - {v.name for v in model.graph.outputs}
+    extra = {name for e in entries for name in (e["input"], e["output"])} - set(outputs)
     model.graph.outputs.extend(values[name] for name in sorted(extra))
     proto = ir.to_proto(model)
     results = dict(zip((o.name for o in proto.graph.output), _run(proto, inputs)))
@@ -121,7 +128,7 @@ def check_quantizers(path: str | os.PathLike, inputs) -> tuple[int, list[str]]:
         received, got = results[entry["input"]], results[entry["output"]]
         if not _same_bits(got, _reference(entry, received).to(got.dtype)):
             mismatches.append(f"{entry['output']} ({entry.get('quantizer') or entry.get('rotation')}, axis {entry['axis']})")
-    return len(entries), mismatches
+    return len(entries), mismatches, [results[name] for name in outputs]
 
 
 def dialect(model: onnx.ModelProto) -> str:
@@ -141,24 +148,29 @@ class CheckResult:
     quantizer_mismatches: list[str]  # those that gave other bits than qpass's reference
 
     def __str__(self) -> str:
-        exact = "all" if not self.quantizer_mismatches else f"NOT all ({', '.join(self.quantizer_mismatches)})"
+        if self.quantizer_mismatches:
+            quantizers = f"NOT all activation quantizers give qpass's bits ({', '.join(self.quantizer_mismatches)}); "
+        elif self.quantizers_checked:
+            quantizers = f"all {self.quantizers_checked} activation quantizers and rotations give qpass's bits; "
+        else:
+            quantizers = "no activation quantizers; "
         return (
-            f"{self.path.name} ({self.dialect}, run by {self.runtime}): onnx.checker passed; "
-            f"{exact} of {self.quantizers_checked} activation quantizers and rotations give qpass's bits; "
+            f"{self.path.name} ({self.dialect}, run by {self.runtime}): onnx.checker passed; {quantizers}"
             f"vs qpass in PyTorch: max abs error {self.max_abs_error:.3g}, max relative error {self.max_rel_error:.3g}; "
             f"{self.size / 1e6:.3f} MB, {self.size / self.fp32_size:.3f}x the fp32 export's {self.fp32_size / 1e6:.3f} MB"
         )
 
 
 def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | None = None) -> CheckResult:
-    """Validate an export of ``model`` (compiled by qpass): onnx.checker's full check, then its
-    outputs on ``inputs`` (a tuple of tensors) against qpass's PyTorch output, and its size against
-    an fp32 export of the same model (made here unless ``fp32_size`` is given)."""
+    """Validate an export of ``model`` (compiled by qpass): onnx.checker's full check; one run on
+    ``inputs`` (a tuple of tensors), whose outputs are compared with qpass's PyTorch output and whose
+    activation quantizers and rotations with qpass's reference (:func:`check_quantizers`); and the
+    size against an fp32 export of the same model (made here unless ``fp32_size`` is given)."""
     path = Path(path)
     onnx.checker.check_model(str(path), full_check=True)
     kind = dialect(onnx.load(str(path), load_external_data=False))
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    got = run(path, inputs)
+    checked, mismatches, got = _run_checking_quantizers(path, inputs)
     with torch.no_grad():
         expected = [t.float() for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
     if len(got) != len(expected):
@@ -171,5 +183,4 @@ def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | No
         with tempfile.TemporaryDirectory() as tmp:
             fp32_size = export_fp32(model, inputs, Path(tmp) / "fp32.onnx").stat().st_size
     runtime = "onnx.reference" if kind == "qdq" else f"onnxruntime {ort.__version__}"
-    checked, mismatches = check_quantizers(path, inputs)
     return CheckResult(path, kind, runtime, abs_error, rel_error, path.stat().st_size, fp32_size, checked, mismatches)

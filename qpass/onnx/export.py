@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -100,10 +101,17 @@ def to_onnx(
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporter prints its progress and warns about things that do not concern qpass's users."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    """The exporter prints its progress, warns and logs about things that do not concern qpass's
+    users (torchvision's ops missing from its registry, among others)."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registry.setLevel(level)
 
 
 def _share_constants(model: ir.Model) -> None:

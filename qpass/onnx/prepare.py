@@ -5,10 +5,12 @@ views, rotations or channel splits computed from it. Before export, :func:`store
 each such chain once, quantizes the result with the reference (:func:`qpass.quantize`), and puts
 ``qpass::dequantize_packed`` of the codes and scales in its place; the codes and scales become the
 ONNX file's initializers, and the fp32 parameters they came from leave the graph.
+:func:`fold_constants` evaluates whatever else the graph reads from parameters alone into buffers.
 :func:`check_exportable` then rejects, naming the site, every qpass op an ONNX graph cannot express
 exactly, before the exporter would bury the reason in a traceback.
 
-Analysis (:func:`stored_weight_nodes`) is kept apart from rewriting (:func:`store_weights`).
+Analysis (:func:`stored_weight_nodes`, :func:`check_exportable`) is kept apart from rewriting
+(:func:`store_weights`, :func:`fold_constants`).
 """
 
 from __future__ import annotations
