@@ -202,14 +202,21 @@ def _matrix_on(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def _walsh_hadamard(y: Tensor) -> Tensor:
     """``H_{2^a} @ y`` (unnormalized) along axis -2 of ``y``, which has length 2^a.
 
-    Each step applies ``[[1, 1], [1, -1]]`` to the leading bit of the index (sums and differences of
-    the two halves) and moves that bit to the end, so after a steps every bit has had its butterfly
-    and is back in place. That is ``H_2 ⊗ ... ⊗ H_2``, which is Sylvester's matrix."""
+    Step ``s`` pairs index ``j`` with ``j + h`` (``h = 2^s``) inside each run of ``2h`` and writes
+    their sum and difference in their places: after a steps that is ``H_2 ⊗ ... ⊗ H_2``, Sylvester's
+    matrix. The order of the sums is part of qpass's numerics (the ONNX export repeats it op for op),
+    and writing into one output per step, rather than stacking, keeps it a few passes over memory."""
     *lead, length, m = y.shape
-    for _ in range(length.bit_length() - 1):
-        halves = y.reshape(*lead, 2, length // 2, m)
-        top, bottom = halves.unbind(-3)
-        y = torch.stack([top + bottom, top - bottom], dim=-2).reshape(*lead, length, m)
+    h = 1
+    while h < length:
+        top, bottom = y.reshape(*lead, length // (2 * h), 2, h, m).unbind(-3)
+        if torch.is_grad_enabled() and y.requires_grad:  # out= has no autograd: the same sums, stacked
+            out = torch.stack([top + bottom, top - bottom], dim=-3)
+        else:
+            out = torch.empty(*lead, length // (2 * h), 2, h, m, dtype=y.dtype, device=y.device)
+            torch.add(top, bottom, out=out.select(-3, 0))
+            torch.sub(top, bottom, out=out.select(-3, 1))
+        y, h = out.reshape(*lead, length, m), 2 * h
     return y
 
 

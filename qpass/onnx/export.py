@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import ml_dtypes
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -115,13 +116,18 @@ def _quiet():
 
 
 def _share_constants(model: ir.Model) -> None:
-    """One Constant node per distinct value (tensors compare by identity in the CSE pass)."""
+    """One Constant node per distinct value (tensors compare by identity in the CSE pass, and NaN
+    never equals itself)."""
     first: dict[tuple, ir.Value] = {}
     for node in list(model.graph):
-        if node.op_type != "Constant" or "value" not in node.attributes:
+        if node.op_type != "Constant" or len(node.attributes) != 1:
             continue
-        tensor = node.attributes["value"].as_tensor()
-        key = (tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+        (name, attribute), = node.attributes.items()
+        if name == "value":
+            tensor = attribute.as_tensor()
+            key = (name, tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+        else:  # value_float(s), value_int(s)
+            key = (name, np.asarray(attribute.value, np.float32 if "float" in name else np.int64).tobytes())
         if key in first:
             node.outputs[0].replace_all_uses_with(first[key])
             model.graph.remove(node, safe=True)

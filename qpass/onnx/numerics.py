@@ -64,7 +64,15 @@ class UnsupportedExport(ValueError):
 
 
 def constant(values, dtype=np.float32):
-    return op.Constant(value=ir.tensor(np.asarray(values, dtype=dtype)))
+    array = np.asarray(values, dtype=dtype)
+    # Scalars and vectors as typed attributes: a tensor attribute costs the exporter milliseconds each
+    # (protocol checks), and a graph has hundreds of constants.
+    if array.ndim <= 1 and array.dtype in (np.float32, np.int64):
+        kind = "float" if array.dtype == np.float32 else "int"
+        if array.ndim == 0:
+            return op.Constant(**{f"value_{kind}": array.item()})
+        return op.Constant(**{f"value_{kind}s": array.tolist()})
+    return op.Constant(value=ir.tensor(array))
 
 
 def ints(values) -> ir.Value:
@@ -412,13 +420,14 @@ def dequantize_stored(codes, scales, tensor_scale, quantizer: Quantizer, shape: 
 
 def _walsh_hadamard(y, lead: int, length: int, m: int):
     """``H_{2^a}`` along axis -2 of ``[..., length, m]`` (``lead`` leading dims): qpass.hadamard's
-    butterflies, in the same order."""
+    butterflies, in the same order (index ``j`` with ``j + h``, ``h`` = 1, 2, 4, ...)."""
     lead = [0] * lead
-    for _ in range(length.bit_length() - 1):
-        halves = op.Reshape(y, ints(lead + [2, length // 2, m]))
-        top, bottom = op.Gather(halves, constant(0, np.int64), axis=-3), op.Gather(halves, constant(1, np.int64), axis=-3)
-        pair = [op.Unsqueeze(op.Add(top, bottom), ints([-2])), op.Unsqueeze(op.Sub(top, bottom), ints([-2]))]
-        y = op.Reshape(op.Concat(*pair, axis=-2), ints(lead + [length, m]))
+    h = 1
+    while h < length:
+        pairs = op.Reshape(y, ints(lead + [length // (2 * h), 2, h, m]))
+        top, bottom = (op.Gather(pairs, constant(i, np.int64), axis=-3) for i in (0, 1))
+        out = op.Concat(op.Unsqueeze(op.Add(top, bottom), ints([-3])), op.Unsqueeze(op.Sub(top, bottom), ints([-3])), axis=-3)
+        y, h = op.Reshape(out, ints(lead + [length, m])), 2 * h
     return y
 
 
