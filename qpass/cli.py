@@ -50,7 +50,7 @@ def print_format_table(rows: int, cols: int, seed: int = 0) -> None:
 
 def load_model(source: str, input_shape: list[int] | None) -> tuple[torch.nn.Module, tuple]:
     """A model and example inputs from ``source``: a local Hugging Face model directory (example
-    token ids of ``input_shape``, default 1x16), or ``module:function`` / ``file.py:function``
+    token ids of ``input_shape``, default 2x16: a size-1 dim would be exported static), or ``module:function`` / ``file.py:function``
     returning a model (then a float input of ``input_shape``) or a ``(model, example_inputs)`` pair."""
     if Path(source, "config.json").is_file():
         import transformers
@@ -58,7 +58,7 @@ def load_model(source: str, input_shape: list[int] | None) -> tuple[torch.nn.Mod
         config = transformers.AutoConfig.from_pretrained(source)
         config.use_cache = False
         model = transformers.AutoModelForCausalLM.from_pretrained(source, config=config)
-        return model, (torch.randint(0, config.vocab_size, input_shape or [1, 16]),)
+        return model, (torch.randint(0, config.vocab_size, input_shape or [2, 16]),)
     module_name, _, function = source.rpartition(":")
     if not module_name or not function:
         raise SystemExit(f"qpass export: {source!r} is neither a Hugging Face model directory nor module:function")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     export.add_argument("--dialect", default="portable", choices=("portable", "qdq"))
     export.add_argument("--input-shape", type=lambda text: [int(d) for d in text.split("x")],
-                        help="example input shape, e.g. 1x16 (token ids of a HF model) or 2x8x256")
+                        help="example input shape, e.g. 2x16 (token ids of a HF model, the default) or 2x8x256")
     export.add_argument("--check", action="store_true", help="validate the file against qpass in PyTorch")
     args = parser.parse_args(argv)
     if args.command == "formats":
