@@ -50,8 +50,9 @@ def print_format_table(rows: int, cols: int, seed: int = 0) -> None:
 
 def load_model(source: str, input_shape: list[int] | None) -> tuple[torch.nn.Module, tuple]:
     """A model and example inputs from ``source``: a local Hugging Face model directory (example
-    token ids of ``input_shape``, default 2x16: a size-1 dim would be exported static), or ``module:function`` / ``file.py:function``
-    returning a model (then a float input of ``input_shape``) or a ``(model, example_inputs)`` pair."""
+    token ids of ``input_shape``, default 2x16, since a size-1 dim would be exported static), or
+    ``module:function`` / ``file.py:function`` returning a model (then a float input of
+    ``input_shape``) or a ``(model, example_inputs)`` pair."""
     if Path(source, "config.json").is_file():
         import transformers
 
