@@ -160,6 +160,15 @@ def _uncompiled(model: nn.Module):
         model._compiled_call_impl = saved
 
 
+def _drop_metadata_checks(gm: fx.GraphModule) -> None:
+    """torch.export's dtype/device assertions read values and compute nothing; without them the
+    passes see the graph Dynamo gives qpass.compile (an extra user stops e.g. the residual stream)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def export(
     model: nn.Module,
     args: tuple,
@@ -184,5 +193,6 @@ def export(
     with _uncompiled(model):
         program = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes)
     gm = program.module()
+    _drop_metadata_checks(gm)
     _quantize(gm, _get_attr_parameters(gm), state)
     return torch.export.export(gm, tuple(args), kwargs, dynamic_shapes=dynamic_shapes)

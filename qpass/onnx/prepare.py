@@ -24,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from qpass.formats import quantize
 from qpass.formats.packing import pack_fp6
 from qpass.onnx.numerics import QDQ_TYPES
+from qpass.passes.sites import module_path
 from qpass.quantizer import Quantizer
 
 QDQ = torch.ops.qpass.quantize_dequantize.default
@@ -47,10 +48,10 @@ class UnsupportedSite(ValueError):
 
 
 def site_name(node: fx.Node) -> str:
-    """The module a node came from (its ``nn_module_stack``), as ``qpass.report`` names sites."""
+    """The module a node came from, as ``qpass.report`` names sites, and the module's class."""
     stack = node.meta.get("nn_module_stack") or {}
-    path, kind = list(stack.values())[-1] if stack else ("", "")
-    module = path or "<root>"
+    kind = list(stack.values())[-1][1] if stack else ""
+    module = module_path(node) or "<root>"
     return f"{module} ({kind.rsplit('.', 1)[-1]})" if kind else module
 
 

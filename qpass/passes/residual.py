@@ -39,8 +39,6 @@ MEAN = (torch.mean, aten.mean.dim, "mean")
 RSQRT = (torch.rsqrt, aten.rsqrt.default, "rsqrt")
 RMS_NORM = (F.rms_norm, torch.rms_norm, aten.rms_norm.default)
 DROPOUT = (F.dropout, torch.dropout, aten.dropout.default, "dropout")
-# torch.export's dtype/device assertions: they read the stream and compute nothing.
-METADATA_CHECKS = (aten._assert_tensor_metadata.default,)
 # Ops that commute with a rotation of the last axis (casts, copies).
 PASS_THROUGH = (
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default, aten.alias.default,  # torch.export's
@@ -77,11 +75,6 @@ def _keeps_last_axis(node) -> bool:
     if value is None or any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in index):
         return False
     return len(index) < value.ndim or index[-1] == slice(None)
-
-
-def _users(node: fx.Node) -> list[fx.Node]:
-    """The users that compute something from ``node`` (not torch.export's metadata assertions)."""
-    return [user for user in node.users if not is_op(user, METADATA_CHECKS)]
 
 
 def _commutes(node) -> bool:
@@ -123,9 +116,9 @@ def _match_norm(x: fx.Node, parameters) -> Norm | None:
         if normalized is None:
             continue
         out = normalized
-        while len(_users(out)) == 1 and is_op(_users(out)[0], PASS_THROUGH):
-            out = _users(out)[0]
-        scale = _users(out)[0] if len(_users(out)) == 1 else None
+        while len(out.users) == 1 and is_op(next(iter(out.users)), PASS_THROUGH):
+            out = next(iter(out.users))
+        scale = next(iter(out.users)) if len(out.users) == 1 else None
         if scale is not None and is_op(scale, MUL):
             weight = next((a for a in scale.args if a is not out), None)
             if weight in parameters:
@@ -157,7 +150,7 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
         if norm is not None:
             stream.norms.append(norm)
             handled = _norm_nodes(norm, node)
-        for user in _users(node):
+        for user in node.users:
             if user in handled or user in members:
                 continue
             if _commutes(user) or (is_op(user, MUL) and _scalar_other(user, node)):
@@ -201,7 +194,7 @@ def _scalar_other(node: fx.Node, x: fx.Node) -> bool:
 
 def _readers(output: fx.Node, linears: dict) -> list[SitePlan] | None:
     readers = []
-    for user in _users(output):
+    for user in output.users:
         if _commutes(user):
             inner = _readers(user, linears)
             if inner is None:
