@@ -13,18 +13,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from qpass.state import QpassState
+from qpass import capture
 
 
 def calibrate(model: nn.Module, batches: Iterable) -> nn.Module:
     """Run ``model`` (compiled by :func:`qpass.compile` with ``ocs=``) on ``batches`` (each a tensor,
     a tuple of positional arguments or a dict of keyword arguments); returns ``model``."""
-    from qpass.compile import compiled_call  # qpass.compile builds on the state this reads
-
-    state = getattr(model, "_qpass", None)
-    if not isinstance(state, QpassState):
-        raise ValueError("qpass.calibrate takes a model compiled by qpass.compile")
-    recipe = state.recipe
+    recipe = capture.state_of(model, "qpass.calibrate").recipe
     if recipe.ocs is None and not any("ocs" in overrides for _, overrides in recipe.rules):
         raise ValueError("qpass.calibrate collects statistics for outlier channel splitting: compile with ocs=<ratio>")
     if recipe.quantizes_backward:
@@ -35,8 +30,7 @@ def calibrate(model: nn.Module, batches: Iterable) -> nn.Module:
         channel_max = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu()
         maxima[site] = channel_max if site not in maxima else torch.maximum(maxima[site], channel_max)
 
-    state.restart(observe=observe)
-    model._compiled_call_impl = compiled_call(model, state.options)
+    capture.recapture(model, observe=observe)
     with torch.no_grad():
         for batch in batches:
             if isinstance(batch, dict):
@@ -47,6 +41,5 @@ def calibrate(model: nn.Module, batches: Iterable) -> nn.Module:
                 model(batch)
     if not maxima:
         raise ValueError("calibration saw no input of a site that outlier channel splitting applies to")
-    state.restart(calibration=maxima)
-    model._compiled_call_impl = compiled_call(model, state.options)
+    capture.recapture(model, calibration=maxima)
     return model

@@ -1,8 +1,9 @@
-"""Quantized forms of the matmul-like functions: what a rewritten site calls.
+"""Quantized forms of the matmul-like functions: what a rewritten site calls (the op-kind table's replacements).
 
-Each takes the original op's arguments plus the :class:`~qpass.ops.MatmulQuantizers` of its
-product(s) as JSON, and is built on one function, :func:`product`. Graphs call these functions, so
-AOTAutograd and torch.export trace them into the :mod:`qpass.ops` custom ops:
+Each takes the original op's arguments plus, per product, its config: the JSON of its
+:class:`~qpass.matmul_quantizers.MatmulQuantizers` and of its :class:`~qpass.execution.Execution`.
+All are built on one function, :func:`product`. Graphs call these functions, so AOTAutograd and
+torch.export trace them into the :mod:`qpass.ops` custom ops:
 
 - a product whose recipe quantizes nothing in backward (inference) becomes QDQ nodes (after
   ``qpass::rotate`` nodes where the recipe rotates) and a plain matmul, with a straight-through
@@ -22,9 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qpass.ops import MatmulQuantizers
+from qpass.einsum import einsum_layout
+from qpass.execution import Execution
+from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
+
+ProductConfig = tuple[str, str]  # (MatmulQuantizers JSON, Execution JSON)
 
 
 def rotate(x: Tensor, rotation: Rotation | None, axis: int) -> Tensor:
@@ -36,8 +41,8 @@ def qdq(
     kernels: bool = False,
 ) -> Tensor:
     """``x`` rotated (if asked), then quantize-dequantized; with ``kernels``, both in one generated
-    kernel (a delayed-scaling state keeps the reference op, which owns the amax history)."""
-    if kernels and quantizer is not None and not state:
+    kernel (the lowering never chooses kernels with a delayed-scaling state, which the reference owns)."""
+    if kernels and quantizer is not None:
         return torch.ops.qpass.fake_quantize_kernel(x, quantizer.to_json(), axis, rotation.to_json() if rotation else "")
     x = rotate(x, rotation, axis)
     if quantizer is None:
@@ -46,69 +51,62 @@ def qdq(
 
 
 @functools.lru_cache(maxsize=None)
-def _without_hoisted(quantizers: str) -> tuple[MatmulQuantizers, str | None]:
-    """The product's quantizers, and the op's config once hoisted operands are taken out (None: no op)."""
-    q = MatmulQuantizers.from_json(quantizers)
-    inner = q
+def _without_hoisted(config: ProductConfig) -> tuple[MatmulQuantizers, Execution, ProductConfig | None]:
+    """The product's quantizers and execution, and the op's config once hoisted operands are taken
+    out (None: no op)."""
+    q, run = MatmulQuantizers.from_json(config[0]), Execution.from_json(config[1])
+    inner, inner_run = q, run
     if q.hoists_a:
-        inner = replace(inner, a=None, db_a=None, a_state="")
+        inner, inner_run = replace(inner, a=None, db_a=None), replace(inner_run, a_state="")
     if q.hoists_b:
-        inner = replace(inner, b=None, da_b=None, b_state="")
-    return q, (inner.to_json() if any((inner.a, inner.b, inner.quantizes_backward)) else None)
+        inner, inner_run = replace(inner, b=None, da_b=None), replace(inner_run, b_state="")
+    op_config = (inner.to_json(), inner_run.to_json()) if any((inner.a, inner.b, inner.quantizes_backward)) else None
+    return q, run, op_config
 
 
-def product(a: Tensor, b: Tensor, quantizers: str) -> Tensor:
-    """``A [..., M, K] · B [..., K, N]`` quantized as ``quantizers`` (MatmulQuantizers JSON) says."""
-    q, op_config = _without_hoisted(quantizers)
+def product(a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
+    """``A [..., M, K] · B [..., K, N]`` quantized as ``config`` says."""
+    q, run, op_config = _without_hoisted(config)
     if not q.quantizes_backward:
-        a = qdq(a, q.a, -1, q.a_state, q.rotation, q.kernels)
-        return torch.matmul(a, qdq(b, q.b, -2, q.b_state, q.rotation, q.kernels))
+        a = qdq(a, q.a, -1, run.a_state, q.rotation, run.kernels)
+        return torch.matmul(a, qdq(b, q.b, -2, run.b_state, q.rotation, run.kernels))
     if q.hoists_a:
-        a = qdq(a, q.a, -1, q.a_state, kernels=q.kernels)
+        a = qdq(a, q.a, -1, run.a_state, kernels=run.kernels)
     if q.hoists_b:
-        b = qdq(b, q.b, -2, q.b_state, kernels=q.kernels)
-    return torch.matmul(a, b) if op_config is None else torch.ops.qpass.quantized_matmul(a, b, op_config)
+        b = qdq(b, q.b, -2, run.b_state, kernels=run.kernels)
+    return torch.matmul(a, b) if op_config is None else torch.ops.qpass.quantized_matmul(a, b, *op_config)
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None, quantizers: str) -> Tensor:
-    out = product(input, weight.mT, quantizers)
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None, config: ProductConfig) -> Tensor:
+    out = product(input, weight.mT, config)
     return out if bias is None else out + bias
 
 
-def addmm(bias: Tensor, a: Tensor, b: Tensor, beta, alpha, quantizers: str) -> Tensor:
+def addmm(bias: Tensor, a: Tensor, b: Tensor, beta, alpha, config: ProductConfig) -> Tensor:
     """``beta · bias + alpha · (A · B)``, for ``addmm`` and ``baddbmm`` alike."""
-    return torch.add(bias if beta == 1 else bias * beta, product(a, b, quantizers), alpha=alpha)
+    return torch.add(bias if beta == 1 else bias * beta, product(a, b, config), alpha=alpha)
 
 
-@functools.lru_cache(maxsize=None)
-def _einsum_layout(equation: str) -> tuple[str, str, str, str, str]:
-    """(batch, a-only, contracted, b-only, output) index strings of a batched-matmul einsum."""
-    inputs, out = equation.replace(" ", "").split("->")
-    a, b = inputs.split(",")
-    batch = "".join(i for i in a if i in b and i in out)
-    contracted = "".join(i for i in a if i in b and i not in out)
-    return batch, "".join(i for i in a if i not in b), contracted, "".join(i for i in b if i not in a), out
-
-
-def einsum(equation: str, a: Tensor, b: Tensor, quantizers: str) -> Tensor:
+def einsum(equation: str, a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
     """A two-operand einsum as ``[batch, M, K] · [batch, K, N]`` (K: all contracted indices)."""
-    batch, free_a, contracted, free_b, out = _einsum_layout(equation)
-    in_a, in_b = equation.replace(" ", "").split("->")[0].split(",")
-    size = {i: a.shape[in_a.index(i)] for i in in_a} | {i: b.shape[in_b.index(i)] for i in in_b}
+    layout = einsum_layout(equation)
+    size = {i: a.shape[layout.a.index(i)] for i in layout.a} | {i: b.shape[layout.b.index(i)] for i in layout.b}
 
     def arrange(x, term, groups):
         x = x.permute([term.index(i) for group in groups for i in group])
         return x.reshape([size[i] for i in groups[0]] + [math.prod(size[i] for i in g) for g in groups[1:]])
 
-    y = product(arrange(a, in_a, (batch, free_a, contracted)), arrange(b, in_b, (batch, contracted, free_b)), quantizers)
-    produced = batch + free_a + free_b
+    a = arrange(a, layout.a, (layout.batch, layout.free_a, layout.contracted))
+    y = product(a, arrange(b, layout.b, (layout.batch, layout.contracted, layout.free_b)), config)
+    produced = layout.batch + layout.free_a + layout.free_b
     y = y.reshape([size[i] for i in produced])
-    return y.permute([produced.index(i) for i in out])
+    return y.permute([produced.index(i) for i in layout.out])
 
 
 def scaled_dot_product_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *, qk: str, pv: str,
+    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+    qk: ProductConfig, pv: ProductConfig,
 ) -> Tensor:
     """SDPA decomposed (as torch's math reference) so that Q·Kᵀ and P·V are quantized products."""
     if enable_gqa:

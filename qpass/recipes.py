@@ -7,8 +7,9 @@ A linear layer's training step runs three GEMMs, each with two operand roles:
     wgrad  dW = Q(dY)ᵀ · Q(X)        roles grad_output, input
 
 A :class:`Recipe` names a quantizer per role (``input``, ``weight``, ``grad_output``, the same in
-every GEMM that role appears in) and may change single GEMM roles through ``per_gemm`` (keys such
-as ``"wgrad.input"``). A recipe that quantizes nothing in backward is an inference recipe: its
+every GEMM that role appears in) and may change single GEMM roles through ``per_gemm``, a typed
+:class:`GemmOverrides` (one field per GEMM role, as torchao's float8 per-role cast configs; built
+from keys such as ``"wgrad.input"`` too). A recipe that quantizes nothing in backward is an inference recipe: its
 sites get plain quantize-dequantize nodes and a straight-through backward.
 
 Two function-preserving transforms keep low-bit formats accurate: ``hadamard`` rotates GEMM
@@ -38,13 +39,82 @@ REUSED_FORWARD_KEYS = ("dgrad.weight", "dgrad.input", "wgrad.input")
 SCALINGS = ("current", "delayed")
 
 
+class _Unset:
+    """One object, kept by copies and pickles (roles are tested against it by identity)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self) -> str:
+        return "UNSET"
+
+    def __deepcopy__(self, memo) -> _Unset:
+        return self
+
+
+UNSET = _Unset()  # a GEMM role that follows its role's quantizer (None would keep it in high precision)
+
+
+@dataclass(frozen=True)
+class GemmOverrides:
+    """Quantizers of single GEMM roles, each overriding its role's quantizer in that GEMM only
+    (None: high precision there; :data:`UNSET`: as the role). Read as a mapping from the keys of
+    :data:`GEMM_ROLE_KEYS` (``"wgrad.input"``) to the roles that are set."""
+
+    fprop_input: Quantizer | None | _Unset = UNSET
+    fprop_weight: Quantizer | None | _Unset = UNSET
+    dgrad_grad_output: Quantizer | None | _Unset = UNSET
+    dgrad_weight: Quantizer | None | _Unset = UNSET
+    dgrad_input: Quantizer | None | _Unset = UNSET  # a product of two activations (attention)
+    wgrad_grad_output: Quantizer | None | _Unset = UNSET
+    wgrad_input: Quantizer | None | _Unset = UNSET
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not UNSET:
+                object.__setattr__(self, f.name, as_quantizer(value))
+
+    @staticmethod
+    def parse(value) -> GemmOverrides:
+        """From a GemmOverrides or a dict keyed ``"gemm.role"``."""
+        if isinstance(value, GemmOverrides):
+            return value
+        unknown = set(value) - set(GEMM_ROLE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown per_gemm keys {sorted(unknown)}; expected some of {', '.join(GEMM_ROLE_KEYS)}")
+        return GemmOverrides(**{key.replace(".", "_"): quantizer for key, quantizer in value.items()})
+
+    def items(self) -> list[tuple[str, Quantizer | None]]:
+        return [(key, q) for key in GEMM_ROLE_KEYS if (q := getattr(self, key.replace(".", "_"))) is not UNSET]
+
+    def __iter__(self):
+        return iter(key for key, _ in self.items())
+
+    def __contains__(self, key: str) -> bool:
+        return key in GEMM_ROLE_KEYS and getattr(self, key.replace(".", "_")) is not UNSET
+
+    def __getitem__(self, key: str) -> Quantizer | None:
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key.replace(".", "_"))
+
+    def merged(self, other: GemmOverrides) -> GemmOverrides:
+        """These overrides with ``other``'s set roles on top."""
+        return replace(self, **{key.replace(".", "_"): q for key, q in other.items()})
+
+    def map(self, change) -> GemmOverrides:
+        """Every set quantizer changed by ``change`` (None stays None)."""
+        return replace(self, **{key.replace(".", "_"): q if q is None else change(q) for key, q in self.items()})
+
+
 @dataclass
 class Recipe:
     name: str = "custom"
     input: Quantizer | None = None
     weight: Quantizer | None = None
     grad_output: Quantizer | None = None
-    per_gemm: dict[str, Quantizer | None] = field(default_factory=dict)  # e.g. {"wgrad.input": None}
+    per_gemm: GemmOverrides = field(default_factory=GemmOverrides)  # or {"wgrad.input": None}
     scaling: str = "current"  # "delayed": per-tensor scales from an amax history (FP8-LM, TE)
     history_len: int = 16
     margin: int = 0
@@ -65,10 +135,7 @@ class Recipe:
     def __post_init__(self) -> None:
         for role in ROLES:
             setattr(self, role, as_quantizer(getattr(self, role)))
-        unknown = set(self.per_gemm) - set(GEMM_ROLE_KEYS)
-        if unknown:
-            raise ValueError(f"unknown per_gemm keys {sorted(unknown)}; expected some of {', '.join(GEMM_ROLE_KEYS)}")
-        self.per_gemm = {key: as_quantizer(value) for key, value in self.per_gemm.items()}
+        self.per_gemm = GemmOverrides.parse(self.per_gemm)
         if self.scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scaling!r}; expected one of {', '.join(SCALINGS)}")
         if self.scaling == "delayed":
@@ -147,8 +214,10 @@ class Recipe:
         recipe = copy.deepcopy(self)
         rounding = overrides.pop("rounding", None)
         scale_mode = overrides.pop("scale_mode", None)
-        per_gemm = {key: overrides.pop(key) for key in GEMM_ROLE_KEYS if key in overrides}
-        recipe = replace(recipe, per_gemm={**recipe.per_gemm, **per_gemm}, **overrides)
+        per_gemm = GemmOverrides.parse({key: overrides.pop(key) for key in GEMM_ROLE_KEYS if key in overrides})
+        if "per_gemm" in overrides:
+            per_gemm = GemmOverrides.parse(overrides.pop("per_gemm")).merged(per_gemm)
+        recipe = replace(recipe, per_gemm=recipe.per_gemm.merged(per_gemm), **overrides)
         if rounding is not None:
             recipe = _map_quantizers(recipe, lambda q: replace(q, rounding=rounding))
         if scale_mode is not None:
@@ -160,11 +229,10 @@ class Recipe:
 
 def _map_quantizers(recipe: Recipe, change) -> Recipe:
     roles = {role: change(q) for role in ROLES if (q := getattr(recipe, role)) is not None}
-    per_gemm = {key: q if q is None else change(q) for key, q in recipe.per_gemm.items()}
-    return replace(recipe, per_gemm=per_gemm, **roles)
+    return replace(recipe, per_gemm=recipe.per_gemm.map(change), **roles)
 
 
-_FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("name", "per_gemm", "description", "notes"))
+_FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("name", "description", "notes"))
 OVERRIDE_KEYS = (*_FIELDS, *GEMM_ROLE_KEYS, "rounding", "scale_mode")
 RULE_KEYS = (*ROLES, *GEMM_ROLE_KEYS, "rounding", "scale_mode", "hadamard", "ocs", "dge", "occ", "exclude")
 

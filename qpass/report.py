@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from qpass.capture import state_of
 from qpass.passes.plan import SitePlan
-from qpass.state import QpassState
 
 
 @dataclass
@@ -72,9 +72,8 @@ def _describe(row: dict) -> str:
 def _row(plan: SitePlan) -> dict:
     site = plan.site
     formats: dict[str, str] = {}
-    prefixes = ("qk.", "pv.") if site.kind == "sdpa" else ("",)
-    for product, prefix in zip(plan.products, prefixes):
-        formats.update({prefix + key: value for key, value in product.formats().items()})
+    for product, name in zip(plan.products, site.op.product_names):
+        formats.update({(f"{name}." if name else "") + key: value for key, value in product.formats().items()})
     return {
         "site": plan.name,
         "kind": site.kind,
@@ -85,15 +84,14 @@ def _row(plan: SitePlan) -> dict:
         "formats": formats,
         "reason": plan.excluded,
         "extra_channels": plan.extra_channels,
+        "backend": plan.backend or None,  # which implementation runs it (None: excluded)
         "notes": list(plan.notes),
     }
 
 
 def report(model: nn.Module) -> Report:
     """The per-site table of a model compiled by :func:`qpass.compile` (print it, or read ``.rows``)."""
-    state = getattr(model, "_qpass", None)
-    if not isinstance(state, QpassState):
-        raise ValueError("qpass.report takes a model compiled by qpass.compile")
+    state = state_of(model, "qpass.report")
     notes = ([state.recipe.notes] if state.recipe.notes else []) + state.notes
     if not state.graphs_captured:
         notes.append("no graph captured yet: sites are found when the model first runs")

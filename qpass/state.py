@@ -1,5 +1,7 @@
 """The state qpass keeps on a compiled model: its recipe, the sites found, delayed-scaling histories.
 
+Data only: :mod:`qpass.capture` installs, copies and re-captures compiled models and fills this in.
+
 It hangs off the model as the attribute ``_qpass`` but is not registered as a submodule (an
 ``nn.Sequential`` would call it as a layer, ``len()`` and indexing would change). Instead, hooks
 put the amax histories of delayed scaling into the model's ``state_dict`` (as
@@ -7,40 +9,26 @@ put the amax histories of delayed scaling into the model's ``state_dict`` (as
 states, are only known once a graph is captured; a ``state_dict`` loaded before that is kept and
 applied as each state is made.
 
-The custom ops find a state by a string key (ops take no module arguments); the keys live in a
-weak registry, so a deleted model takes its states with it. A state moves to the device of the
-tensor it scales when first used there.
+The custom ops find a state by a string key (ops take no module arguments): the keys live in
+:data:`qpass.ops.registry.DELAYED_STATES`, which holds them weakly, so a deleted model takes its
+states with it.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
-import warnings
 import weakref
 
 import torch
 from torch import nn
 
 from qpass.formats import DelayedScaling
+from qpass.ops.registry import DELAYED_STATES
 
-_DELAYED_STATES: weakref.WeakValueDictionary[str, DelayedScaling] = weakref.WeakValueDictionary()
 _HOLDER_IDS = itertools.count()
 
 
 STATE_PREFIX = "_qpass."
-
-
-def delayed_state(key: str, device: torch.device) -> DelayedScaling | None:
-    """The delayed-scaling state registered under ``key`` ("" for none), on ``device``."""
-    if not key:
-        return None
-    state = _DELAYED_STATES.get(key)
-    if state is None:
-        raise RuntimeError(f"qpass delayed-scaling state {key!r} no longer exists (was its model deleted?)")
-    if state.amax_history.device != device:
-        state.to(device)
-    return state
 
 
 class _Namespace(nn.Module):
@@ -56,8 +44,9 @@ class QpassState(_Namespace):
         self.recipe = recipe
         self.backend = backend
         self.options = options  # torch.compile's (dynamic, fullgraph)
-        self.kernels = kernels  # qpass.compile's kernels=: "auto", "triton" or "reference"
+        self.kernels = kernels  # qpass.compile's kernels=: "auto", "triton", "interpret" or "reference"
         self._model = None  # weak reference to the model this state is attached to
+        self._hooks: list = []  # the model's state_dict hooks that save and load this state
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph
         self.notes: list[str] = []  # what the passes said about whole graphs (residual rotation)
         self.calibration: dict[str, torch.Tensor] = {}  # site -> per-channel input max (qpass.calibrate)
@@ -68,11 +57,16 @@ class QpassState(_Namespace):
         self._id = next(_HOLDER_IDS)
         self._pending: dict[str, torch.Tensor] = {}  # loaded before the state they belong to exists
 
-    def attach(self, model: nn.Module) -> None:
-        """Hang this state off ``model`` (unregistered) and join its state_dict save and load."""
+    @property
+    def model(self) -> nn.Module | None:
+        return None if self._model is None else self._model()
+
+    def attach(self, model: nn.Module, hooks: list | None = None) -> None:
+        """Hang this state off ``model`` (unregistered) and join its state_dict save and load;
+        ``hooks``: the ones a copied model already has (its hook tables are copied with it)."""
         object.__setattr__(model, "_qpass", self)
         self._model = weakref.ref(model)
-        self._hooks = [
+        self._hooks = hooks if hooks is not None else [
             model.register_state_dict_post_hook(_save_states),
             model.register_load_state_dict_pre_hook(_load_states),
         ]
@@ -82,24 +76,9 @@ class QpassState(_Namespace):
             hook.remove()
         del model.__dict__["_qpass"]
 
-    def __deepcopy__(self, memo) -> QpassState:
-        """A copy starts afresh (its graphs are captured again, with states of its own) and takes
-        this state's delayed-scaling histories with it, applied as the copy's sites are found.
-
-        When the copy is part of a copy of the model, the model's copy is compiled too: torch drops
-        ``_compiled_call_impl`` from copies of modules, which would leave the copy unquantized.
-        """
-        from qpass.compile import compiled_call  # qpass.compile builds on this module
-
-        twin = QpassState(copy.deepcopy(self.recipe, memo), self.backend, dict(self.options), self.kernels)
-        twin._pending = {k: v.detach().clone() for k, v in {**self._pending, **self.state_dict()}.items()}
-        twin._hooks = self._hooks  # the model's copy has copies of the hooks, which find the twin
-        model_copy = memo.get(id(self._model())) if self._model is not None else None
-        if model_copy is not None:
-            twin._model = weakref.ref(model_copy)
-            # Its __dict__ is filled after this returns, by an update that keeps this entry.
-            model_copy.__dict__["_compiled_call_impl"] = compiled_call(model_copy, twin.options)
-        return twin
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """Every delayed-scaling tensor, made or still pending, as a copy's state starts from."""
+        return {k: v.detach().clone() for k, v in {**self._pending, **self.state_dict()}.items()}
 
     def record(self, plans, notes: list[str]) -> None:
         """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
@@ -108,38 +87,20 @@ class QpassState(_Namespace):
         self.notes += [note for note in notes if note not in self.notes]
 
     def restart(self, *, observe=None, calibration: dict | None = None) -> None:
-        """Forget the captured graphs (the model's next call captures them afresh) and set what
-        the next captures use: an observer while calibrating, or calibration statistics."""
+        """Forget the captured graphs and set what the next captures use: an observer while
+        calibrating, or calibration statistics."""
         self.plans, self.notes, self.graphs_captured = {}, [], 0
         self.checked = observe is not None  # the first-call checks are for the quantized graphs
         self.observe = observe
         if calibration is not None:
             self.calibration = calibration
 
-    def check_first_call(self) -> None:
-        """After the first call every graph of the model is captured: say what did not apply."""
-        self.checked = True
-        if not self.graphs_captured:
-            warnings.warn(
-                "qpass captured no graph: Dynamo ran this model eagerly, so it is NOT quantized (often its "
-                "recompile limit, torch._dynamo.config.recompile_limit, used up by earlier compiled models "
-                "of the same class; torch._dynamo.reset() clears it)", stacklevel=3,
-            )
-        elif not self.plans:
-            warnings.warn(
-                "qpass found no matmul or attention in this model: it runs unquantized", stacklevel=3
-            )
-        globs = [glob for glob, _ in self.recipe.rules] + list(self.recipe.exclude)
-        for glob in globs:
-            if glob not in self.matched_globs:
-                warnings.warn(f"qpass: the glob {glob!r} matches no site (qpass.report lists them)", stacklevel=3)
-
     def delayed_scaling(self, site: str, operand: str, quantizer) -> str:
         """The key of the delayed-scaling state of ``operand`` at ``site``, made on first use
         (with the quantizer's power-of-two option: under delayed scaling the state owns it)."""
         path = f"{site}.{operand}"
         key = f"{self._id}/{path}"
-        if key in _DELAYED_STATES:
+        if key in DELAYED_STATES:
             return key
         *parents, leaf = path.split(".")
         node = self
@@ -152,8 +113,7 @@ class QpassState(_Namespace):
         if pending:
             state.load_state_dict(pending)
         node.add_module(leaf, state)
-        _DELAYED_STATES[key] = state
-        return key
+        return DELAYED_STATES.register(state, key)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # States that exist load themselves (their modules are visited after this one); keep the
@@ -165,9 +125,11 @@ class QpassState(_Namespace):
 
 
 # The hooks find the state on the module they are called for, so copies of a model (whose hook
-# tables are copied with it) save and load their own states.
+# tables are copied with it) save and load their own states. Histories still pending (loaded, or
+# copied, before the first call) are saved too: a state_dict never drops them.
 def _save_states(module, state_dict, prefix, local_metadata) -> None:
-    for key, value in module.__dict__["_qpass"].state_dict().items():
+    state = module.__dict__["_qpass"]
+    for key, value in {**state._pending, **state.state_dict()}.items():
         state_dict[prefix + STATE_PREFIX + key] = value
 
 

@@ -40,3 +40,12 @@ class Spec6Product(torch.autograd.Function):
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Bit for bit (NaN where NaN)."""
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def adversarial(*shape, seed):
+    """Gaussian with a zero block, a saturating outlier and tiny (fp32 subnormal) values."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    x[..., 0, :32] = 0.0
+    x[..., 1, 3] = 3e4
+    x[..., 2, 5:9] = 1e-40
+    return x

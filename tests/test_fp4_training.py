@@ -238,8 +238,8 @@ def fp4_linear(dge, occ):
 @pytest.mark.parametrize("dge, occ", [(True, 0.99), (False, 0.99), (True, None), (False, None), (True, 0.9)])
 def test_fp4_train_matches_spec6_with_dge_and_occ(dge, occ, monkeypatch):
     # The residual product's sparse path sums in another order than the dense one written here
-    # (tests/test_clamping.py shows the two paths equal where sums are exact in any order).
-    monkeypatch.setattr(qpass.clamping, "_use_sparse", lambda r: False)
+    # (tests/ops/test_clamping.py shows the two paths equal where sums are exact in any order).
+    monkeypatch.setattr(qpass.ops.clamping, "_use_sparse", lambda r: False)
     qm = compare("fp4-train", fp4_linear(dge, occ), dge=dge, occ=occ)
     row = qpass.report(qm)["up"]
     assert row["formats"]["dgrad.weight"] == "fprop.weight" and row["formats"]["wgrad.input"] == "fprop.input"

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
-from spec6 import assert_same, fq
-from test_ops import adversarial
+from spec6 import adversarial, assert_same, fq
 
 import qpass
 from qpass import Hadamard, Quantizer, Rotation
 from qpass.hadamard import hadamard_matrix
-from qpass.ops import MatmulQuantizers
+from qpass.execution import REFERENCE
+from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.rotation import resolve
 
 F64 = dict(dtype=torch.float64)
@@ -128,7 +128,7 @@ def test_quantized_matmul_rotates_each_gemm_along_its_own_axis(rotations):
     a = adversarial(2, 6, 40, seed=0).requires_grad_()  # K = 40 and M = 12: padded blocks
     w = adversarial(64, 40, seed=1).requires_grad_()
     dy = adversarial(2, 6, 64, seed=2)
-    y = torch.ops.qpass.quantized_matmul(a, w.mT, q.to_json())
+    y = torch.ops.qpass.quantized_matmul(a, w.mT, q.to_json(), REFERENCE.to_json())
     y.backward(dy)
     y_ref, da_ref, dwt_ref = rotated_oracle(a, w.mT, dy, q, specs)
     assert_same(y, y_ref)

@@ -41,8 +41,3 @@ class QTensor:
 
     def bits_per_element(self) -> float:
         return self.storage_bits() / self.numel
-
-    def dequantize(self) -> torch.Tensor:
-        from qpass.formats.api import dequantize
-
-        return dequantize(self)

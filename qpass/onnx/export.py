@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from qpass.compile import _uncompiled
+from qpass.capture import uncompiled
 from qpass.compile import export as qpass_export
 from qpass.report import report as qpass_report
 from qpass.state import QpassState
@@ -222,7 +222,7 @@ def export_fp32(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
     was_training = model.training
     model.eval()
     try:
-        with _uncompiled(model), torch.no_grad(), _quiet():
+        with uncompiled(model), torch.no_grad(), _quiet():
             program = torch.export.export(model, args, kwargs, dynamic_shapes=auto_dynamic_shapes(args, kwargs))
             onnx_model = to_onnx(program, "portable")
     finally:

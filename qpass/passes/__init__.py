@@ -1,8 +1,12 @@
-"""Graph passes, each ``GraphModule -> GraphModule`` or an analysis of one.
+"""Graph passes: analyses, planning steps, and transforms that are each ``GraphModule -> GraphModule``.
 
+In order (:func:`quantize_graph`); every decision is made before the first rewrite:
+
+- :mod:`qpass.passes.kinds`: the op-kind table (targets, operands, roles, replacements).
 - :mod:`qpass.passes.sites`: find matmul, attention and embedding sites, name them, give roles.
 - :mod:`qpass.passes.plan`: decide each site's quantizers and rotations (or why it is excluded).
-- :mod:`qpass.passes.residual`: rotate a Llama-style residual stream (QuaRot), folding RMSNorms.
+- :mod:`qpass.passes.residual`: plan, then rewrite, the rotation of a Llama-style residual stream.
+- :mod:`qpass.passes.lower`: decide how each site runs (kernels, packed weights, delayed states).
 - :mod:`qpass.passes.ocs`: split outlier input channels of linear sites.
 - :mod:`qpass.passes.occ`: clamp outliers out of linear sites' inputs, compensate in high precision.
 - :mod:`qpass.passes.quantize`: rewrite each planned site into its quantized form.
@@ -15,15 +19,16 @@ from typing import Callable
 import torch
 from torch import fx
 
+from qpass.passes.lower import NewState, Target, pack_weights, plan_lowering
 from qpass.passes.occ import clamp_inputs
 from qpass.passes.ocs import insert_observers, split_channels
 from qpass.passes.plan import SitePlan, plan_sites
-from qpass.passes.quantize import NewState, insert_quantizers
-from qpass.passes.residual import rotate_residual_stream
+from qpass.passes.quantize import insert_quantizers
+from qpass.passes.residual import plan_residual, rotate_residual_stream
 from qpass.passes.sites import Site, find_sites
 from qpass.recipes import Recipe
 
-__all__ = ["Site", "SitePlan", "find_sites", "insert_quantizers", "plan_sites", "quantize_graph"]
+__all__ = ["Site", "SitePlan", "Target", "find_sites", "insert_quantizers", "plan_sites", "quantize_graph"]
 
 
 def quantize_graph(
@@ -34,18 +39,27 @@ def quantize_graph(
     new_state: NewState | None = None,
     calibration: dict[str, torch.Tensor] | None = None,
     observe: Callable[[str, torch.Tensor], None] | None = None,
+    target: Target = Target(),
 ) -> tuple[list[SitePlan], list[str]]:
     """Run the passes in order on ``gm`` (rewritten in place); returns every site's plan and notes
     about the graph as a whole. With ``observe``, the graph is prepared for calibration instead:
     transformed but not quantized, and the inputs that OCS splits reported to ``observe``."""
-    plans = plan_sites(find_sites(gm.graph, parameters), recipe, matched_globs)
-    notes = []
+    calibration = calibration or {}
+    plans = plan_sites(find_sites(gm.graph, parameters), recipe, matched_globs, calibration)
+    notes, residual = [], None
     if recipe.hadamard.residual is not None:
-        notes.append(rotate_residual_stream(gm, plans, recipe.hadamard.residual, parameters))
+        plans, residual, note = plan_residual(plans, recipe.hadamard.residual, parameters)
+        notes.append(note)
+    if observe is None:
+        plans = plan_lowering(plans, parameters, target, new_state)
+    # Every plan is final: the rewrites follow.
+    if residual is not None:
+        rotate_residual_stream(gm, residual)
     if observe is not None:
         insert_observers(gm, plans, observe)
         return plans, notes
-    split_channels(gm, plans, parameters, calibration or {})
+    split_channels(gm, plans, parameters, calibration)
     clamp_inputs(gm, plans)
-    insert_quantizers(gm, plans, new_state)
+    pack_weights(gm, plans, parameters, target)
+    insert_quantizers(gm, plans)
     return plans, notes

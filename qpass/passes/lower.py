@@ -1,120 +1,180 @@
-"""Lowering: the quantized graph's reference nodes onto qpass's generated Triton kernels.
+"""Lowering: how each quantized site runs, decided once per site, and the packed weights it implies.
 
-Runs after :func:`~qpass.passes.quantize.insert_quantizers`. Two rewrites, decided per site by
-:func:`lowering` (analysis) and done by :func:`lower_to_kernels` (rewriting):
+:func:`plan_lowering` (planning, before any rewrite) gives every quantized product its
+:class:`~qpass.execution.Execution` (the generated Triton kernels or the reference numerics, and its
+delayed-scaling states) and records on the plan which implementation runs the site, for
+``qpass.report``:
 
 - **packed**: a linear site of an inference recipe whose weight is a frozen parameter (the graph
   was captured without gradients, or the weight does not require them) gets its weight quantized
-  once, now, and stored packed (kept by the graph module, found by the op by key); the site becomes
-  one ``qpass::packed_linear``, the dequant-matmul kernel that also quantizes the input on the fly.
-- **kernels**: every other quantized site keeps its structure, with its QDQ nodes (rotation fused)
-  and the operand quantization inside ``qpass::quantized_matmul`` done by the generated kernels
-  (the ``kernels`` flag of its :class:`~qpass.ops.MatmulQuantizers`).
+  once and stored packed (kept by the graph module, found by the op by key): the site becomes one
+  ``qpass::packed_linear``, the dequant-matmul kernel that also quantizes the input on the fly
+  (:func:`pack_weights` rewrites it).
+- **kernels**: every other quantized site keeps its structure, its operands quantized by the
+  generated kernels (rotations fused) where they can run them.
+- **reference**: the :mod:`qpass.formats` numerics as torch ops.
 
-A packed weight is a snapshot: changing the parameter afterwards needs a new ``qpass.compile``.
+Where the kernels run is decided here too (:class:`Target`): on CUDA, or anywhere in Triton's
+interpreter with ``kernels="interpret"``; ``kernels="triton"`` on a graph that does not run on CUDA
+keeps the lowered structure with the reference implementations. A packed weight is a snapshot:
+changing the parameter afterwards needs a new ``qpass.compile``.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import fx
 
-from qpass import quantized
+from qpass.execution import Execution
 from qpass.formats import quantize
-from qpass.ops import MatmulQuantizers, register_packed_weight
-from qpass.passes.plan import SitePlan
+from qpass.ops.kernels import register_packed_weight
+from qpass.passes.plan import ProductPlan, SitePlan
+from qpass.passes.quantize import replace_node
+from qpass.quantizer import Quantizer
 
-PACKED, KERNELS = "packed", "kernels"
+KERNEL_CHOICES = ("auto", "triton", "interpret", "reference")
+REFERENCE, KERNELS, PACKED = "reference", "kernels", "packed"
 
-
-def _config_slots(node: fx.Node) -> list[int | str]:
-    """Where a rewritten site's MatmulQuantizers JSON sits: sdpa's keywords, else the last argument."""
-    return ["qk", "pv"] if node.target is quantized.scaled_dot_product_attention else [len(node.args) - 1]
-
-
-def _configs(node: fx.Node) -> list[MatmulQuantizers]:
-    return [MatmulQuantizers.from_json(node.kwargs[s] if isinstance(s, str) else node.args[s]) for s in _config_slots(node)]
+NewState = Callable[[str, str, Quantizer], str]  # (site name, operand, its quantizer) -> state key
 
 
-def _packed_weight(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], frozen: bool) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class Target:
+    """What the lowering decides from: ``qpass.compile``'s ``kernels=``, whether the graph runs on
+    CUDA, and whether it runs without gradients (``frozen``: inference weights can be packed)."""
+
+    kernels: str = "reference"
+    on_cuda: bool = False
+    frozen: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels {self.kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+
+    @property
+    def lowers(self) -> bool:
+        """The graph gets the lowered structure (packed weights, kernel ops)."""
+        return self.kernels in ("triton", "interpret") or (self.kernels == "auto" and self.on_cuda)
+
+    @property
+    def runs_kernels(self) -> bool:
+        """The generated kernels themselves run (else their reference implementations do)."""
+        return self.lowers and (self.on_cuda or self.kernels == "interpret")
+
+
+def _states(product: ProductPlan, site: str, prefix: str, new_state: NewState) -> Execution:
+    """Delayed-scaling states for the operands that are quantized once per step."""
+    q = product.quantizers
+    a, b = product.roles
+    once = q.quantized_once()
+    return Execution(
+        a_state=new_state(site, prefix + a, q.a) if q.a and once["a"] else "",
+        b_state=new_state(site, prefix + b, q.b) if q.b and once["b"] else "",
+        grad_state=new_state(site, prefix + "grad_output", q.da_grad) if once["grad"] else "",
+    ).check(q)
+
+
+def _kernels_unsupported(product: ProductPlan) -> str | None:
+    """Why the generated kernels cannot quantize every operand of the product (None: they can)."""
+    from qpass.codegen.spec import unsupported  # imports triton: only once kernels were asked for
+
+    if product.execution.has_states:
+        return "delayed scaling (its amax history is the reference's)"
+    q = product.quantizers
+    operands = ((q.a, q.rotation), (q.b, q.rotation), (q.da_grad, q.da_rotation), (q.da_b, q.da_rotation),
+                (q.db_grad, q.db_rotation), (q.db_a, q.db_rotation))
+    return next((why for quantizer, rotation in operands if quantizer and (why := unsupported(quantizer, rotation))), None)
+
+
+def _packed_weight(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Target) -> torch.Tensor | None:
     """The weight to pack, if the site qualifies: an inference linear site with a frozen 2-D parameter
-    weight, no delayed scaling, and quantizers the kernels run."""
+    weight that no transform rewrites, no delayed scaling, and quantizers the kernels run."""
     from qpass.codegen.spec import unsupported
 
-    node = plan.site.node
-    if node.target is not quantized.linear or not isinstance(node.args[1], fx.Node):
+    site = plan.site
+    if site.op.weight_k_axis != -1 or plan.rotated_weight or plan.ocs is not None or len(plan.products) != 1:
         return None
-    weight = parameters.get(node.args[1])
-    (q,) = _configs(node)
-    if weight is None or weight.ndim != 2 or q.quantizes_backward or q.b is None or q.a_state or q.b_state:
+    weight = parameters.get(site.operands[1])
+    (product,) = plan.products
+    q = product.quantizers
+    if weight is None or weight.ndim != 2 or q.quantizes_backward or q.b is None or product.execution.has_states:
         return None
-    if weight.requires_grad and not frozen:  # a weight that trains cannot be a snapshot
+    if weight.requires_grad and not target.frozen:  # a weight that trains cannot be a snapshot
         return None
-    operands = [q.b] + ([q.a] if q.a is not None else [])
-    if any(unsupported(quantizer, q.rotation, weight.dtype) for quantizer in operands):
+    if any(unsupported(quantizer, q.rotation, weight.dtype) for quantizer in (q.b, q.a) if quantizer is not None):
         return None
     return weight
 
 
-def _weights_to_pack(plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], frozen: bool) -> dict[str, torch.Tensor | None]:
-    """Every quantized site's weight to pack, or None where the site keeps its structure."""
-    return {plan.name: _packed_weight(plan, parameters, frozen) for plan in plans if plan.excluded is None}
+def lowering(plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target) -> dict[str, str]:
+    """Analysis: site name -> ``"packed"`` or ``"kernels"`` for every quantized site of a lowered graph."""
+    return {
+        plan.name: KERNELS if _packed_weight(plan, parameters, target) is None else PACKED
+        for plan in plans if plan.excluded is None
+    }
 
 
-def lowering(plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], frozen: bool) -> dict[str, str]:
-    """Analysis: site name -> ``"packed"`` or ``"kernels"`` for every quantized site."""
-    return {name: KERNELS if weight is None else PACKED for name, weight in _weights_to_pack(plans, parameters, frozen).items()}
+def _lowered(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Target) -> SitePlan:
+    where = "" if target.runs_kernels else " (their reference implementations: the graph does not run on CUDA)"
+    if _packed_weight(plan, parameters, target) is not None:
+        backend = f"{plan.products[0].quantizers.b} weight packed, Triton dequant-matmul{where}"
+        return replace(plan, lowering=PACKED, backend=backend).noted(f"kernels: {backend}")
+    why = next((why for p in plan.products if (why := _kernels_unsupported(p))), None)
+    if why is not None:
+        backend = f"reference: the Triton kernels cannot run it ({why})"
+        return replace(plan, backend=backend).noted(f"kernels: {backend}")
+    products = [replace(p, execution=replace(p.execution, kernels=target.runs_kernels)) for p in plan.products]
+    return replace(plan, lowering=KERNELS, backend=f"Triton quantize kernels{where}").with_products(products).noted(
+        f"kernels: Triton quantize kernels{where}"
+    )
 
 
-def _pack(gm: fx.GraphModule, plan: SitePlan, weight: torch.Tensor) -> None:
-    node = plan.site.node
-    x, _, bias, _ = node.args
-    (q,) = _configs(node)
-    with torch.no_grad():
-        w = weight.detach()
-        if q.rotation is not None:
-            w = q.rotation(w.float(), -1).to(weight.dtype)
-        qt = quantize(w, q.b.spec, axis=-1, rounding=q.b.rounding)
-    # The graph module keeps the packed weight alive; the op finds it by key.
-    gm._qpass_packed_weights = [*getattr(gm, "_qpass_packed_weights", []), qt]
-    rotation = q.rotation.to_json() if q.rotation else ""
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(
-            torch.ops.qpass.packed_linear.default,
-            (x, bias, register_packed_weight(qt), qt.shape[0], q.a.to_json() if q.a else "", rotation),
+def plan_lowering(
+    plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target, new_state: NewState | None = None
+) -> list[SitePlan]:
+    """Each quantized site's execution (``new_state`` makes delayed-scaling states), decided once."""
+    if target.kernels == "triton" and not target.on_cuda:
+        warnings.warn(
+            "kernels='triton' on a graph that does not run on CUDA: the lowered ops run their reference "
+            "implementations there (the Triton kernels need a GPU; kernels='interpret' runs them in Triton's "
+            "interpreter)", stacklevel=3,
         )
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    plan.site.node = new
-    plan.notes.append(f"kernels: {q.b} weight packed ({qt.bits_per_element():.2f} bits/element), Triton dequant-matmul")
-
-
-def _use_kernels(plan: SitePlan) -> None:
-    node = plan.site.node
-    for slot in _config_slots(node):
-        value = node.kwargs[slot] if isinstance(slot, str) else node.args[slot]
-        lowered = replace(MatmulQuantizers.from_json(value), kernels=True).to_json()
-        if isinstance(slot, str):
-            node.kwargs = {**node.kwargs, slot: lowered}
-        else:
-            node.args = (*node.args[:slot], lowered, *node.args[slot + 1:])
-    plan.notes.append("kernels: Triton quantize kernels")
-
-
-def lower_to_kernels(
-    gm: fx.GraphModule, plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], frozen: bool
-) -> fx.GraphModule:
-    """Rewrite every quantized site of ``plans`` onto the generated kernels (see the module doc);
-    ``frozen``: the graph runs without gradients, so inference weights can be packed."""
-    weights = _weights_to_pack(plans, parameters, frozen)
+    planned = []
     for plan in plans:
-        if weights.get(plan.name) is not None:
-            _pack(gm, plan, weights[plan.name])
-        elif plan.name in weights:
-            _use_kernels(plan)
+        if plan.excluded is None and new_state is not None:
+            names = plan.site.op.product_names
+            products = [replace(p, execution=_states(p, plan.name, f"{n}." if n else "", new_state))
+                        for p, n in zip(plan.products, names)]
+            plan = plan.with_products(products)
+        if plan.excluded is None:
+            plan = _lowered(plan, parameters, target) if target.lowers else replace(plan, backend="reference")
+        planned.append(plan)
+    return planned
+
+
+def pack_weights(gm: fx.GraphModule, plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target) -> fx.GraphModule:
+    """Rewrite every packed site into ``qpass::packed_linear`` of its weight, quantized now."""
+    for plan in plans:
+        if plan.lowering != PACKED:
+            continue
+        node = plan.site.node
+        bound = plan.site.op.bind(node)
+        weight = parameters[plan.site.operands[1]]
+        q = plan.products[0].quantizers
+        with torch.no_grad():
+            w = weight.detach()
+            if q.rotation is not None:
+                w = q.rotation(w.float(), -1).to(weight.dtype)
+            qt = quantize(w, q.b.spec, axis=-1, rounding=q.b.rounding)
+        # The graph module keeps the packed weight alive; the op finds it by key.
+        gm._qpass_packed_weights = [*getattr(gm, "_qpass_packed_weights", []), qt]
+        args = (bound["input"], bound["bias"], register_packed_weight(qt), qt.shape[0],
+                q.a.to_json() if q.a else "", q.rotation.to_json() if q.rotation else "", target.runs_kernels)
+        replace_node(gm.graph, node, torch.ops.qpass.packed_linear.default, args)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -2,7 +2,7 @@
 
 A per-token FP4 scale is set by the token's largest magnitude, so one outlier coarsens the grid for
 the whole row. At each planned site ``Y = X · W`` (an input times a 2-D weight) the input is split
-by :func:`qpass.clamping.clamp_outliers` into a part clamped at the row's α-quantiles, which the
+by :func:`qpass.ops.clamping.clamp_outliers` into a part clamped at the row's α-quantiles, which the
 site quantizes as before, and the sparse rest (about ``2 · (1 − α)`` of the entries), multiplied by
 the unquantized weight in high precision and added back:
 
@@ -20,9 +20,8 @@ import operator
 import torch
 from torch import Tensor, fx
 
-from qpass.clamping import clamp_outliers
+from qpass.ops.clamping import clamp_outliers
 from qpass.passes.plan import SitePlan
-from qpass.passes.sites import matmul_operands
 
 
 def compensate(y: Tensor, residual: Tensor, weight: Tensor, weight_axis: int) -> Tensor:
@@ -37,17 +36,15 @@ def clamp_inputs(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
         if plan.excluded is not None or plan.occ is None:
             continue
         node = plan.site.node
-        (x, weight), _ = matmul_operands(node, plan.site.kind)  # after OCS: the split operands
+        x, weight = plan.site.op.operand_nodes(node)  # after OCS: the split operands
         with graph.inserting_before(node):
             split = graph.call_function(clamp_outliers, (x, plan.occ))
             clamped = graph.call_function(operator.getitem, (split, 0))
             residual = graph.call_function(operator.getitem, (split, 1))
         node.replace_input_with(x, clamped)
         with graph.inserting_after(node):
-            weight_axis = -1 if plan.site.kind == "linear" else -2
-            out = graph.call_function(compensate, (node, residual, weight, weight_axis))
+            out = graph.call_function(compensate, (node, residual, weight, plan.site.op.weight_k_axis))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-        plan.notes.append(f"occ: clamped at the {plan.occ:g} quantiles, residual in high precision")
     graph.lint()
     gm.recompile()
     return gm

@@ -27,7 +27,7 @@ from torch import Tensor, fx
 
 from qpass.formats.api import quantization_step
 from qpass.passes.plan import SitePlan, split_width
-from qpass.passes.sites import matmul_operands, weight_value
+from qpass.passes.sites import weight_value
 from qpass.quantizer import Quantizer
 
 
@@ -116,12 +116,16 @@ def split_by_input(input_max: Tensor, ratio: float) -> ChannelSplit:
 
 
 def plan_split(plan: SitePlan, weight: Tensor, input_max: Tensor | None) -> ChannelSplit:
-    """Input-driven when the site has calibration statistics, weight-driven otherwise."""
-    if input_max is not None:
-        return split_by_input(input_max, plan.ocs)
-    q = plan.products[0].quantizers
-    # Under a rotation the weight is quantized rotated: the unrotated grid step means nothing there.
-    return split_by_weight(weight, plan.ocs, q.b if q.rotation is None else None)
+    """Input-driven when the site was planned with calibration statistics, weight-driven otherwise;
+    ``weight`` is ``[N, K]``."""
+    if plan.ocs_by_input:
+        split = split_by_input(input_max, plan.ocs)
+    else:
+        q = plan.products[0].quantizers
+        # Under a rotation the weight is quantized rotated: the unrotated grid step means nothing there.
+        split = split_by_weight(weight, plan.ocs, q.b if q.rotation is None else None)
+    split.weight_axis = plan.site.op.weight_k_axis
+    return split
 
 
 def split_channels(
@@ -133,17 +137,14 @@ def split_channels(
         if plan.excluded is not None or plan.ocs is None:
             continue
         node = plan.site.node
-        (x, w), _ = matmul_operands(node, plan.site.kind)
+        x, w = plan.site.op.operand_nodes(node)  # after the residual rotation: its weight
         weight = weight_value(w, parameters)
-        linear = plan.site.kind == "linear"
-        split = plan_split(plan, weight if linear else weight.mT, calibration.get(plan.name))
-        split.weight_axis = -1 if linear else -2
+        split = plan_split(plan, weight.movedim(plan.site.op.weight_k_axis, -1), calibration.get(plan.name))
         with gm.graph.inserting_before(node):
             new_x = gm.graph.call_function(split.split_input, (x,))
             new_w = gm.graph.call_function(split.split_weight, (w,))
         node.replace_input_with(x, new_x)
         node.replace_input_with(w, new_w)
-        plan.notes.append(f"ocs: {split.extra} extra input channels, split by {split.halved}")
         splits[plan.name] = split
     gm.graph.lint()
     gm.recompile()
@@ -157,7 +158,7 @@ def insert_observers(gm: fx.GraphModule, plans: list[SitePlan], observe: Callabl
         if plan.excluded is not None or plan.ocs is None:
             continue
         node = plan.site.node
-        (x, _), _ = matmul_operands(node, plan.site.kind)
+        x, _ = plan.site.op.operand_nodes(node)
         with gm.graph.inserting_before(node):
             seen = gm.graph.call_function(_observer(plan.name, observe), (x,))
         node.replace_input_with(x, seen)

@@ -1,20 +1,27 @@
 """Planning: what a recipe does at each site (its quantizers, or why it is left alone).
 
-Analysis is in :mod:`qpass.passes.sites`, rewriting in :mod:`qpass.passes.quantize`; this module
-only decides. Order of precedence, last wins: the recipe, then the default exclusions of SPEC
-section 8, then ``rules`` (which may set ``exclude=False`` to quantize a default-excluded site), then
-``exclude`` globs. Sites that cannot be quantized at all (integer, unsupported shapes) stay excluded.
+Analysis is in :mod:`qpass.passes.sites`, rewriting in the transform passes; this module only
+decides, and its :class:`SitePlan` is what every later pass reads. Order of precedence, last wins:
+the recipe, then the default exclusions of SPEC section 8, then ``rules`` (which may set
+``exclude=False`` to quantize a default-excluded site), then ``exclude`` globs. Sites that cannot be
+quantized at all (integer, unsupported shapes) stay excluded.
+
+Plans are frozen: a later planning step (the residual rotation's online Hadamards, the lowering's
+execution choices) returns new plans; every plan is final before the first rewrite.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
-from qpass.ops import MatmulQuantizers
-from qpass.passes.sites import ATTENTION_KINDS, Site, meta_value
+from qpass.execution import REFERENCE, Execution
+from qpass.matmul_quantizers import MatmulQuantizers
+from qpass.passes.kinds import Dims, meta_value
+from qpass.passes.sites import Site
+from qpass.quantized import ProductConfig
 from qpass.recipes import Recipe
 from qpass.rotation import resolve
 
@@ -29,14 +36,21 @@ def grad_gemms(roles: tuple[str, str]) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ProductPlan:
-    """One quantized product ``A · B``: its operands' roles and the quantizers of its three GEMMs."""
+    """One quantized product ``A · B``: its operands' roles, the quantizers of its three GEMMs, and
+    how it runs (decided by the lowering)."""
 
     roles: tuple[str, str]
     quantizers: MatmulQuantizers
+    execution: Execution = REFERENCE
 
     @property
     def grad_gemms(self) -> tuple[str, str]:
         return grad_gemms(self.roles)
+
+    @property
+    def config(self) -> ProductConfig:
+        """What the rewritten graph passes to the quantized form."""
+        return self.quantizers.to_json(), self.execution.to_json()
 
     def formats(self) -> dict[str, str]:
         """``"gemm.role" -> format`` for every quantized operand role (SPEC section 6 names)."""
@@ -57,14 +71,18 @@ class ProductPlan:
         return formats
 
 
-@dataclass
+@dataclass(frozen=True)
 class SitePlan:
     site: Site
     products: tuple[ProductPlan, ...] = ()  # (A·B,) for matmuls, (Q·Kᵀ, P·V) for sdpa
     excluded: str | None = None  # the reason, for qpass.report
     ocs: float | None = None  # the expand ratio of outlier channel splitting, if planned
+    ocs_by_input: bool = False  # channels chosen by calibrated input maxima (else by the weight)
     occ: float | None = None  # the quantile of outlier clamping and compensation, if planned
-    notes: list[str] = field(default_factory=list)  # what the passes did or could not do, for qpass.report
+    rotated_weight: bool = False  # the residual-stream rotation rewrites the weight (qpass.passes.residual)
+    lowering: str = "reference"  # "reference", "kernels" or "packed" (qpass.passes.lower)
+    backend: str = ""  # which implementation runs the site, for qpass.report
+    notes: tuple[str, ...] = ()  # what the passes do or could not do, for qpass.report
 
     @property
     def name(self) -> str:
@@ -76,12 +94,15 @@ class SitePlan:
         k = self.site.reduction
         return 0 if k is None else split_width(self.ocs, k) - k
 
+    def noted(self, *notes: str) -> SitePlan:
+        return replace(self, notes=self.notes + notes)
+
+    def with_products(self, products) -> SitePlan:
+        return replace(self, products=tuple(products))
+
 
 def _recipe_role(site_role: str) -> str:
     return "weight" if site_role == "weight" else "input"  # attention's Q, K, P, V are activations
-
-
-Dims = tuple[int | None, int | None, int | None]  # (M, K, N) of A [..., M, K] · B [..., K, N], None: not static
 
 
 def product_plan(recipe: Recipe, roles: tuple[str, str], dims: Dims = (None, None, None)) -> tuple[ProductPlan, list[str]]:
@@ -110,9 +131,7 @@ def input_times_weight(site: Site) -> bool:
     """An input times a 2-D weight (a linear layer, GPT-2's Conv1D): where outlier channel splitting
     and outlier clamping apply."""
     weight = meta_value(site.operands[1]) if len(site.operands) == 2 else None
-    return site.roles == ("input", "weight") and site.kind in ("linear", "matmul", "mm", "addmm") and (
-        weight is not None and weight.ndim == 2
-    )
+    return site.roles == ("input", "weight") and site.op.input_times_weight and weight is not None and weight.ndim == 2
 
 
 def split_width(ocs: float | None, k: int | None) -> int | None:
@@ -120,36 +139,16 @@ def split_width(ocs: float | None, k: int | None) -> int | None:
     return k if k is None or ocs is None else k + math.ceil(ocs * k)
 
 
-def _static(size) -> int | None:
-    return size if isinstance(size, int) else None
-
-
-def product_dims(site: Site) -> list[Dims]:
-    """(M, K, N) of each of the site's products, from the graph's example values."""
-    shapes = [None if (v := meta_value(o)) is None else v.shape for o in site.operands]
-    if any(shape is None for shape in shapes) or site.kind == "einsum":
-        return [(None, site.reduction, None)] * (2 if site.kind == "sdpa" else 1)
-    if site.kind == "sdpa":
-        q, k, v = shapes
-        return [(_static(q[-2]), _static(q[-1]), _static(k[-2])), (_static(q[-2]), _static(k[-2]), _static(v[-1]))]
-    a, b = shapes
-    if site.kind == "linear":
-        b = tuple(reversed(b))  # the weight is [N, K]: the product's B is its transpose
-    # A matrix B is shared by every batch entry: its weight gradient reduces all of A's rows.
-    m = math.prod(a[:-1]) if len(b) == 2 else a[-2]
-    return [(_static(m), _static(a[-1]), _static(b[-1]))]
-
-
 def _cannot_quantize(site: Site) -> str | None:
     if "integer" in site.traits:
         return "integer matmul (indices or masks): left in its own dtype"
-    if site.kind == "embedding":
+    if site.op.family == "embedding":
         return "embedding (a lookup, not a matmul)"
     return site.unsupported
 
 
 def _default_exclusion(site: Site, recipe: Recipe) -> str | None:
-    if site.kind in ATTENTION_KINDS and not recipe.attention:
+    if site.op.family == "attention" and not recipe.attention:
         return "attention stays in high precision (attention=True quantizes it)"
     if "output_projection" in site.traits:
         return "final output projection (lm_head), excluded by default"
@@ -160,8 +159,9 @@ def _default_exclusion(site: Site, recipe: Recipe) -> str | None:
     return None
 
 
-def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
-    """The plan for one site; globs of ``recipe`` that match it are added to ``matched_globs``."""
+def plan_site(site: Site, recipe: Recipe, matched_globs: set[str], calibrated: frozenset[str] = frozenset()) -> SitePlan:
+    """The plan for one site; globs of ``recipe`` that match it are added to ``matched_globs``;
+    ``calibrated``: the sites with calibrated input statistics (channel splitting by the input)."""
     reason = _cannot_quantize(site)
     if reason is not None:
         return SitePlan(site, excluded=reason)
@@ -181,13 +181,12 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
     if reason is not None:
         return SitePlan(site, excluded=reason)
     site_recipe = recipe.with_overrides(**changes) if changes else recipe
-    roles = (("q", "k"), ("p", "v")) if site.kind == "sdpa" else (site.roles,)
-    dims = product_dims(site)
+    dims = site.op.dims(site.operands, site.reduction)
     ocs = site_recipe.ocs if input_times_weight(site) else None
     if ocs is not None:  # the split adds input channels: the forward's K grows
         m, k, n = dims[0]
         dims = [(m, split_width(ocs, k), n)]
-    planned = [product_plan(site_recipe, r, d) for r, d in zip(roles, dims)]
+    planned = [product_plan(site_recipe, r, d) for r, d in zip(site.op.product_roles(site.roles), dims)]
     products = tuple(p for p, _ in planned)
     if not any(p.formats() for p in products):
         return SitePlan(site, excluded=f"the recipe quantizes none of its operands (roles {', '.join(site.roles)})")
@@ -196,8 +195,13 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str]) -> SitePlan:
         warnings.warn(f"qpass: site {site.name!r}: {note}", stacklevel=2)
     # Outlier clamping needs a quantized input and a weight for the high-precision residual product.
     occ = site_recipe.occ if input_times_weight(site) and products[0].quantizers.a is not None else None
-    return SitePlan(site, products, ocs=ocs, occ=occ, notes=notes)
+    plan = SitePlan(site, products, ocs=ocs, ocs_by_input=ocs is not None and site.name in calibrated, occ=occ, notes=tuple(notes))
+    if ocs is not None:
+        plan = plan.noted(f"ocs: {plan.extra_channels} extra input channels, split by {'input' if plan.ocs_by_input else 'weight'}")
+    if occ is not None:
+        plan = plan.noted(f"occ: clamped at the {occ:g} quantiles, residual in high precision")
+    return plan
 
 
-def plan_sites(sites: list[Site], recipe: Recipe, matched_globs: set[str]) -> list[SitePlan]:
-    return [plan_site(site, recipe, matched_globs) for site in sites]
+def plan_sites(sites: list[Site], recipe: Recipe, matched_globs: set[str], calibrated=frozenset()) -> list[SitePlan]:
+    return [plan_site(site, recipe, matched_globs, frozenset(calibrated)) for site in sites]

@@ -14,6 +14,10 @@ The weights are rewritten in the graph as functions of the parameters (so traini
 loaded later, stay consistent). Linears that write the stream from an MLP (down_proj) also get an
 online full-size Hadamard on their input, as in QuaRot. The pattern is found in the graph, never
 from module names: :func:`find_stream` says why a graph does not match, and then nothing changes.
+
+Planning and rewriting are apart: :func:`plan_residual` finds the stream and decides (the rotation
+that fits its width, the writers' online rotations, each site's note); :func:`rotate_residual_stream`
+rewrites the graph as decided.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from qpass.passes.kinds import is_op, meta_value
 from qpass.passes.plan import SitePlan, split_width
-from qpass.passes.sites import ATTENTION_KINDS, is_op, matmul_operands, meta_value
+from qpass.passes.sites import Site
 from qpass.rotation import BLOCK_SIZES, Rotation, resolve
 
 aten = torch.ops.aten
@@ -58,12 +63,20 @@ class Norm:
 
 @dataclass
 class Stream:
-    embeddings: list[SitePlan] = field(default_factory=list)
-    writers: list[SitePlan] = field(default_factory=list)
+    embeddings: list[Site] = field(default_factory=list)
+    writers: list[Site] = field(default_factory=list)
     norms: list[Norm] = field(default_factory=list)
-    readers: list[tuple[SitePlan, Norm]] = field(default_factory=list)
-    mlp_writers: list[SitePlan] = field(default_factory=list)  # writers whose input is not attention
+    readers: list[tuple[Site, Norm]] = field(default_factory=list)
+    mlp_writers: list[Site] = field(default_factory=list)  # writers whose input is not attention
     width: int = 0
+
+
+@dataclass(frozen=True)
+class ResidualRotation:
+    """What :func:`plan_residual` decided: the stream, and the rotation that fits its width."""
+
+    stream: Stream
+    rotation: Rotation
 
 
 def _keeps_last_axis(node) -> bool:
@@ -136,12 +149,13 @@ def _norm_nodes(norm: Norm, x: fx.Node) -> set[fx.Node]:
 
 def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str | None]:
     """The graph's residual stream, or why there is none that can be rotated."""
-    by_node = {plan.site.node: plan for plan in plans}
-    linears = {n: p for n, p in by_node.items() if p.site.kind == "linear" and p.site.weights[1] is not None}
-    stream = Stream(embeddings=[p for p in plans if p.site.kind == "embedding" and p.site.weights[0] is not None])
+    by_node = {plan.site.node: plan.site for plan in plans}
+    # Linears with a parameter weight [N, K]: what a rotation folds into.
+    linears = {n: s for n, s in by_node.items() if s.op.weight_k_axis == -1 and s.weights[1] is not None}
+    stream = Stream(embeddings=[s for s in by_node.values() if s.op.family == "embedding" and s.weights[0] is not None])
     if not stream.embeddings:
         return None, "no embedding in this graph starts a residual stream"
-    frontier = [p.site.node for p in stream.embeddings]
+    frontier = [s.node for s in stream.embeddings]
     members: set[fx.Node] = set(frontier)
     while frontier:
         node = frontier.pop()
@@ -159,7 +173,7 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
                 other = next((a for a in user.args if a is not node), node)
                 writer = linears.get(_source(other)) if isinstance(other, fx.Node) else None
                 if writer is not None:
-                    if not _only_feeds(writer.site.node, user):
+                    if not _only_feeds(writer.node, user):
                         return None, f"the output of {writer.name} is used outside the residual stream"
                     stream.writers.append(writer)
                 elif other not in members and _source(other) not in members:
@@ -175,11 +189,11 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
         stream.readers += [(reader, norm) for reader in readers]
     if not stream.readers or not stream.writers:
         return None, "no RMSNorm → linear readers or linear writers on the residual stream"
-    widths = {meta_value(p.site.node).shape[-1] for p in stream.embeddings}
+    widths = {meta_value(s.node).shape[-1] for s in stream.embeddings}
     if len(widths) != 1:
         return None, f"embeddings of different widths {sorted(widths)} start the stream"
     stream.width = widths.pop()
-    stream.mlp_writers = [w for w in stream.writers if not _fed_by_attention(w.site.operands[0], by_node)]
+    stream.mlp_writers = [w for w in stream.writers if not _fed_by_attention(w.operands[0], by_node)]
     return stream, None
 
 
@@ -192,7 +206,7 @@ def _scalar_other(node: fx.Node, x: fx.Node) -> bool:
     return all(a is x or isinstance(a, (int, float)) for a in node.args)
 
 
-def _readers(output: fx.Node, linears: dict) -> list[SitePlan] | None:
+def _readers(output: fx.Node, linears: dict) -> list[Site] | None:
     readers = []
     for user in output.users:
         if _commutes(user):
@@ -200,7 +214,7 @@ def _readers(output: fx.Node, linears: dict) -> list[SitePlan] | None:
             if inner is None:
                 return None
             readers += inner
-        elif user in linears and matmul_operands(user, "linear")[0][0] is output:
+        elif user in linears and linears[user].op.operand_nodes(user)[0] is output:
             readers.append(linears[user])
         else:
             return None
@@ -212,9 +226,9 @@ def _fed_by_attention(node, by_node: dict, depth: int = 8) -> bool:
     for _ in range(depth):
         if not isinstance(node, fx.Node):
             return False
-        plan = by_node.get(node)
-        if plan is not None:
-            return plan.site.kind in ATTENTION_KINDS
+        site = by_node.get(node)
+        if site is not None:
+            return site.op.family == "attention"
         if node.op != "call_function" and node.op != "call_method" or not node.args:
             return False
         node = node.args[0]
@@ -228,39 +242,59 @@ def _rotate(graph: fx.Graph, x, rotation: Rotation, axis: int) -> fx.Node:
     return graph.call_function(torch.ops.qpass.rotate, (x, rotation.to_json(), axis, False))
 
 
-def rotate_residual_stream(gm: fx.GraphModule, plans: list[SitePlan], rotation: Rotation, parameters) -> str:
-    """Rotate the graph's residual stream by ``rotation`` (full size, falling back to a block that
-    divides the width); returns what was done, or why the graph was left as is."""
+def plan_residual(plans: list[SitePlan], rotation: Rotation, parameters) -> tuple[list[SitePlan], ResidualRotation | None, str]:
+    """Decide the rotation of the graph's residual stream by ``rotation`` (full size, falling back to
+    a block that divides the width): the plans with the stream's notes and the MLP writers' online
+    rotations, what to rewrite (None: nothing), and a note on the graph as a whole."""
     stream, why = find_stream(plans, parameters)
     if stream is None:
-        return f"residual-stream rotation not applied: {why}"
+        return plans, None, f"residual-stream rotation not applied: {why}"
     rotation, fallback = resolve(rotation, stream.width)
     if stream.width % (rotation.block or stream.width):
         # Padding would change RMSNorm's mean over the width: only an exact rotation will do.
-        return (f"residual-stream rotation not applied: no Hadamard rotation fits the stream width "
-                f"{stream.width} (blocks {BLOCK_SIZES} do not divide it)")
+        return plans, None, (f"residual-stream rotation not applied: no Hadamard rotation fits the stream width "
+                             f"{stream.width} (blocks {BLOCK_SIZES} do not divide it)")
+    notes: dict[Site, list[str]] = {}
+    for site in stream.embeddings:
+        notes.setdefault(site, []).append(f"residual: table rotated ({rotation})")
+    for site in stream.writers:
+        notes.setdefault(site, []).append("residual: writes the rotated stream")
+    for site, norm in stream.readers:
+        folded = ", norm weight folded in" if norm.weight is not None else ""
+        notes.setdefault(site, []).append("residual: reads the rotated stream" + folded)
+    mlp_writers = set(stream.mlp_writers)
+    rotated = set(stream.writers) | {site for site, _ in stream.readers}
+    planned = []
+    for plan in plans:
+        plan = replace(plan, rotated_weight=plan.site in rotated).noted(*notes.get(plan.site, []))
+        planned.append(_online_rotation(plan) if plan.site in mlp_writers else plan)
+    note = (f"residual stream of width {stream.width} rotated by {rotation}{f' ({fallback})' if fallback else ''}: "
+            f"{len(stream.norms)} RMSNorms folded, {len(stream.readers)} readers, {len(stream.writers)} writers")
+    return planned, ResidualRotation(stream, rotation), note
+
+
+def rotate_residual_stream(gm: fx.GraphModule, residual: ResidualRotation) -> fx.GraphModule:
+    """Rewrite the graph's residual stream as :func:`plan_residual` decided."""
+    stream, rotation = residual.stream, residual.rotation
     graph = gm.graph
-    for plan in stream.embeddings:
-        node, (table,) = plan.site.node, plan.site.operands
+    for site in stream.embeddings:
+        node, (table,) = site.node, site.operands
         with graph.inserting_before(node):
             node.replace_input_with(table, _rotate(graph, table, rotation, -1))
-        plan.notes.append(f"residual: table rotated ({rotation})")
-    for plan in stream.writers:
-        node = plan.site.node
-        (_, weight), _ = matmul_operands(node, "linear")
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    for site in stream.writers:
+        node = site.node
+        bound = site.op.bind(node)
+        weight, bias = bound["weight"], bound["bias"]
         with graph.inserting_before(node):
             node.replace_input_with(weight, _rotate(graph, weight, rotation, 0))
             if isinstance(bias, fx.Node):
                 node.replace_input_with(bias, _rotate(graph, bias, rotation, -1))
-        plan.notes.append("residual: writes the rotated stream")
-    for plan, norm in stream.readers:
-        node = plan.site.node
-        (_, weight), _ = matmul_operands(node, "linear")
+    for site, norm in stream.readers:
+        node = site.node
+        weight = site.op.bind(node)["weight"]
         with graph.inserting_before(node):
             folded = weight if norm.weight is None else graph.call_function(operator.mul, (weight, norm.weight))
             node.replace_input_with(weight, _rotate(graph, folded, rotation, -1))
-        plan.notes.append("residual: reads the rotated stream" + (", norm weight folded in" if norm.weight is not None else ""))
     for norm in stream.norms:  # γ now lives in the readers' weights
         if norm.weight_mul is not None:
             other = next(a for a in norm.weight_mul.args if a is not norm.weight)
@@ -268,25 +302,22 @@ def rotate_residual_stream(gm: fx.GraphModule, plans: list[SitePlan], rotation: 
             graph.erase_node(norm.weight_mul)
         elif norm.fused is not None and norm.weight is not None:
             norm.fused.replace_input_with(norm.weight, None)
-    for plan in stream.mlp_writers:
-        _online_rotation(plan)
     graph.lint()
     gm.recompile()
-    return (f"residual stream of width {stream.width} rotated by {rotation}{f' ({fallback})' if fallback else ''}: "
-            f"{len(stream.norms)} RMSNorms folded, {len(stream.readers)} readers, {len(stream.writers)} writers")
+    return gm
 
 
-def _online_rotation(plan: SitePlan) -> None:
+def _online_rotation(plan: SitePlan) -> SitePlan:
     """A full-size Hadamard on the forward GEMM of an MLP's output projection (QuaRot's online one)."""
     if plan.excluded is not None:
-        return
+        return plan
     product = plan.products[0]
     q = product.quantizers
     if q.a is None and q.b is None:
-        return
+        return plan
     k = split_width(plan.ocs, plan.site.reduction)
     rotation, fallback = resolve(Rotation(None), k)
-    plan.products = (replace(product, quantizers=replace(q, rotation=rotation)),)
-    plan.notes.append(f"residual: online {rotation} on the input" + (f" ({fallback})" if fallback else ""))
     if fallback:
         warnings.warn(f"qpass: site {plan.name!r}: online rotation: {fallback}", stacklevel=2)
+    plan = plan.with_products([replace(product, quantizers=replace(q, rotation=rotation))])
+    return plan.noted(f"residual: online {rotation} on the input" + (f" ({fallback})" if fallback else ""))

@@ -7,8 +7,8 @@ import contextlib
 import torch
 from torch import fx
 
-import qpass.ops
-from qpass.compile import _dynamo_parameters
+import qpass.ops.qdq
+from qpass.capture import dynamo_parameters
 
 
 def capture(module: torch.nn.Module, *inputs) -> tuple[fx.GraphModule, set[fx.Node], list]:
@@ -17,7 +17,7 @@ def capture(module: torch.nn.Module, *inputs) -> tuple[fx.GraphModule, set[fx.No
 
     def record(gm, example_inputs):
         # Dynamo drops the placeholders' grapharg metadata once the backend returns: read it now.
-        captured.append((gm, _dynamo_parameters(gm), list(example_inputs)))
+        captured.append((gm, dynamo_parameters(gm), list(example_inputs)))
         return gm.forward
 
     torch._dynamo.reset()
@@ -38,9 +38,9 @@ def quantization_off():
         x = x.detach()
         return x.clone() if rotation is None else rotation(x, axis, signs=None if signs is None else signs.to(x.dtype))
 
-    original = qpass.ops._quantize
-    qpass.ops._quantize = identity
+    original = qpass.ops.qdq.quantize_operand
+    qpass.ops.qdq.quantize_operand = identity
     try:
         yield
     finally:
-        qpass.ops._quantize = original
+        qpass.ops.qdq.quantize_operand = original

@@ -11,11 +11,10 @@ from graphs import capture, count_calls
 from torch import nn
 
 import qpass
-import qpass.ops
 from qpass import quantized
-from qpass.ops import MatmulQuantizers
+from qpass.execution import Execution
 from qpass.passes import find_sites, insert_quantizers, plan_sites
-from qpass.passes.lower import KERNELS, PACKED, lower_to_kernels, lowering
+from qpass.passes.lower import KERNELS, PACKED, Target, lowering, pack_weights, plan_lowering
 
 PACKED_LINEAR = torch.ops.qpass.packed_linear.default
 
@@ -33,28 +32,37 @@ class Block(nn.Module):
         return self.down(h) + (h @ h.mT) @ x
 
 
-def quantized_graph(recipe, **overrides):
+def planned_graph(recipe, **overrides):
     module, x = Block(), torch.randn(2, 8, 64)
     gm, parameters, _ = capture(module, x)
     plans = plan_sites(find_sites(gm.graph, parameters), qpass.get_recipe(recipe).with_overrides(**overrides), set())
-    insert_quantizers(gm, plans)
     return gm, plans, parameters
 
 
+def lower_to_kernels(gm, plans, parameters, frozen):
+    """The lowering's planning and rewrites, as qpass.compile runs them on a CUDA graph."""
+    target = Target("auto", on_cuda=True, frozen=frozen)
+    plans = plan_lowering(plans, parameters, target)
+    pack_weights(gm, plans, parameters, target)
+    insert_quantizers(gm, plans)
+    return plans
+
+
 def lowered_configs(gm):
+    """The execution of every product the rewritten graph calls."""
     return [
-        MatmulQuantizers.from_json(n.args[-1]) for n in gm.graph.nodes
+        Execution.from_json(n.args[-1][1]) for n in gm.graph.nodes
         if n.op == "call_function" and n.target in (quantized.linear, quantized.product)
     ]
 
 
 @pytest.mark.parametrize("recipe", ["mxfp4-weight-only", "fp8-infer", "nvfp4-infer", "mxfp4-infer"])
 def test_frozen_inference_linears_are_packed(recipe):
-    gm, plans, parameters = quantized_graph(recipe)
-    decisions = lowering(plans, parameters, frozen=True)
+    gm, plans, parameters = planned_graph(recipe)
+    decisions = lowering(plans, parameters, Target("auto", on_cuda=True, frozen=True))
     assert decisions["up"] == decisions["down"] == PACKED
     assert decisions.get("matmul", KERNELS) == KERNELS  # two activations: nothing to pack
-    lower_to_kernels(gm, plans, parameters, frozen=True)
+    plans = lower_to_kernels(gm, plans, parameters, frozen=True)
     assert count_calls(gm, PACKED_LINEAR) == 2
     assert count_calls(gm, quantized.linear) == 0
     assert all(q.kernels for q in lowered_configs(gm))  # the activation product: kernels, not packed
@@ -63,8 +71,8 @@ def test_frozen_inference_linears_are_packed(recipe):
 
 
 def test_weights_that_train_are_not_packed():
-    gm, plans, parameters = quantized_graph("fp8-infer")
-    assert set(lowering(plans, parameters, frozen=False).values()) == {KERNELS}
+    gm, plans, parameters = planned_graph("fp8-infer")
+    assert set(lowering(plans, parameters, Target("auto", on_cuda=True, frozen=False)).values()) == {KERNELS}
     lower_to_kernels(gm, plans, parameters, frozen=False)
     assert count_calls(gm, PACKED_LINEAR) == 0
     assert count_calls(gm, quantized.linear) == 2
@@ -73,10 +81,11 @@ def test_weights_that_train_are_not_packed():
 
 @pytest.mark.parametrize("recipe", ["fp8-train", "mxfp4-train"])
 def test_training_sites_keep_their_structure_with_kernels_on(recipe):
-    gm, plans, parameters = quantized_graph(recipe)
-    before = [n.target for n in gm.graph.nodes]
+    unlowered, plans, parameters = planned_graph(recipe)
+    insert_quantizers(unlowered, plans)
+    gm, plans, parameters = planned_graph(recipe)
     lower_to_kernels(gm, plans, parameters, frozen=True)
-    assert [n.target for n in gm.graph.nodes] == before
+    assert [n.target for n in gm.graph.nodes] == [n.target for n in unlowered.graph.nodes]
     assert lowered_configs(gm) and all(q.kernels for q in lowered_configs(gm))
 
 
@@ -87,7 +96,7 @@ def test_kernels_triton_on_the_cpu_warns():
 
 
 def test_compile_rejects_unknown_kernels():
-    with pytest.raises(ValueError, match="unknown kernels 'cuda'.*auto, triton, reference"):
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'.*auto, triton, interpret, reference"):
         qpass.compile(nn.Linear(4, 4), "fp8-train", kernels="cuda")
 
 
@@ -120,20 +129,15 @@ def test_lowered_graph_on_cpu_computes_the_reference(recipe, grad):
         assert torch.equal(a, b)
 
 
-@pytest.fixture
-def kernels_on_cpu(monkeypatch):
-    monkeypatch.setattr(qpass.ops, "KERNEL_DEVICES", {"cuda", "cpu"})
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["mxfp4-weight-only", "nvfp4-infer", "mxfp4-infer", "fp8-infer"])
-def test_lowered_inference_graph_runs_the_triton_kernels(recipe, kernels_on_cpu, monkeypatch):
+def test_lowered_inference_graph_runs_the_triton_kernels(recipe, monkeypatch):
     import qpass.codegen as codegen
 
     calls, weight_matmul = [], codegen.weight_matmul
     monkeypatch.setattr(codegen, "weight_matmul", lambda *args, **kwargs: calls.append(1) or weight_matmul(*args, **kwargs))
     model, x = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)), torch.randn(3, 64)
-    lowered, _ = run(model, recipe, "triton", x, grad=False)
+    lowered, _ = run(model, recipe, "interpret", x, grad=False)
     reference, _ = run(model, recipe, "reference", x, grad=False)
     assert len(calls) == 2  # both linears, packed
     # fp32 accumulation in another order than the reference's matmul
@@ -141,7 +145,7 @@ def test_lowered_inference_graph_runs_the_triton_kernels(recipe, kernels_on_cpu,
 
 
 @pytest.mark.slow
-def test_lowered_training_graph_runs_the_triton_kernels(kernels_on_cpu, monkeypatch):
+def test_lowered_training_graph_runs_the_triton_kernels(monkeypatch):
     """mxfp8-train's operands quantized by the kernels in all three GEMMs: the same bits."""
     import qpass.codegen as codegen
 
@@ -150,7 +154,7 @@ def test_lowered_training_graph_runs_the_triton_kernels(kernels_on_cpu, monkeypa
     model, x = nn.Sequential(nn.Linear(64, 32)), torch.randn(4, 64)
     reference, reference_grads = run(model, "mxfp8-train", "reference", x, grad=True)
     assert not calls
-    lowered, lowered_grads = run(model, "mxfp8-train", "triton", x, grad=True)
+    lowered, lowered_grads = run(model, "mxfp8-train", "interpret", x, grad=True)
     assert len(calls) == 4  # two operands in fprop and in wgrad (x needs no gradient: no dgrad)
     assert torch.equal(lowered, reference)
     for a, b in zip(lowered_grads, reference_grads):

@@ -7,7 +7,7 @@ from graphs import capture, count_calls, quantization_off
 from torch import nn
 
 import qpass
-from qpass.clamping import clamp_outliers
+from qpass.ops.clamping import clamp_outliers
 from qpass.passes import find_sites, plan_sites
 from qpass.passes.occ import clamp_inputs, compensate
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import qpass
 from qpass.passes import find_sites, plan_sites
-from qpass.passes.residual import find_stream, rotate_residual_stream
+from qpass.passes.residual import find_stream, plan_residual, rotate_residual_stream
 from qpass.rotation import Rotation
 
 F64 = dict(dtype=torch.float64)
@@ -96,8 +96,9 @@ def test_stream_found_and_rotated(fused, tied):
     assert [p.name for p in stream.mlp_writers] == ["blocks.0.down", "blocks.1.down"]
 
     (expected,) = gm(*inputs)
-    note = rotate_residual_stream(gm, plans, Rotation(None, seed=0), parameters)
+    plans, residual, note = plan_residual(plans, Rotation(None, seed=0), parameters)
     assert "5 RMSNorms folded, 7 readers, 4 writers" in note
+    rotate_residual_stream(gm, residual)
     rotations = [n for n in gm.graph.nodes if n.target is torch.ops.qpass.rotate]
     # the table, 4 writer weights and their 4 biases (out and down have one), 7 reader weights
     assert len(rotations) == 1 + 4 + 4 + 7

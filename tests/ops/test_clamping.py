@@ -1,4 +1,4 @@
-"""Outlier clamping and compensation (qpass.clamping): bounds against torch.quantile, the exact
+"""Outlier clamping and compensation (qpass.ops.clamping): bounds against torch.quantile, the exact
 decomposition on adversarial rows, its gradient, and qpass::residual_matmul's two paths."""
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from qpass import clamping
-from qpass.clamping import clamp_outliers, outlier_bounds
+from qpass.ops import clamping
+from qpass.ops.clamping import clamp_outliers, outlier_bounds
 
 def reference_bounds(x, alpha):
     x = x if x.dtype == torch.float64 else x.float()

@@ -1,0 +1,182 @@
+"""Capture: the one owner of a compiled model's lifecycle.
+
+``qpass.compile`` installs a compiled call on the model (``nn.Module._compiled_call_impl``, what its
+``__call__`` runs): the model's forward under Dynamo with :class:`_Backend`, which runs the passes
+(:func:`qpass.passes.quantize_graph`) on every graph Dynamo captures, one per graph break and again
+on a recompile, before AOTAutograd and Inductor (or ``aot_eager`` / ``eager``) see it. This module
+installs and removes that call, re-captures (calibration starts over with new graphs), runs a model
+as plain Python (torch.export traces it itself), and makes copies and pickles of a compiled model
+compiled too: torch drops ``_compiled_call_impl`` from them, which would leave them unquantized, so
+:class:`~qpass.state.QpassState` is reduced (``copyreg``) to a function that installs the call again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+import itertools
+import types
+import warnings
+import weakref
+
+import torch
+from torch import fx, nn
+
+from qpass.passes import Target, quantize_graph
+from qpass.state import QpassState
+
+
+def get_attr_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
+    parameters = dict(gm.named_parameters(remove_duplicate=False))  # a tied weight has two names
+    return {n: parameters[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in parameters}
+
+
+def dynamo_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
+    """Placeholders that Dynamo lifted from parameters, and get_attrs of parameters, with their values."""
+    lifted = {
+        node: example for node in gm.graph.nodes
+        if node.op == "placeholder" and isinstance(example := getattr(node.meta.get("grapharg"), "example", None), nn.Parameter)
+    }
+    return lifted | get_attr_parameters(gm)
+
+
+def quantize_captured(gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState, target: Target = Target()) -> None:
+    """Run the passes on one captured graph as ``state`` says, and record its plans there."""
+    recipe = state.recipe
+    new_state = state.delayed_scaling if recipe.scaling == "delayed" else None
+    plans, notes = quantize_graph(
+        gm, parameters, recipe, state.matched_globs, new_state, state.calibration, state.observe, target
+    )
+    if state.observe is None:
+        state.record(plans, notes)
+
+
+class _Backend:
+    """The torch.compile backend: quantize the captured graph, then compile it."""
+
+    def __init__(self, state: QpassState):
+        self.state = state
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        target = Target(self.state.kernels, on_cuda, frozen=not torch.is_grad_enabled())
+        quantize_captured(gm, dynamo_parameters(gm), self.state, target)
+        if self.state.observe is not None:
+            return gm.forward  # calibrating: the observers are Python functions in the graph
+        return torch._dynamo.lookup_backend(self.state.backend)(gm, example_inputs)
+
+
+def _call_module(module: nn.Module, *args, **kwargs):
+    # The frame Dynamo starts from. It is qpass code, not torch.nn's: Dynamo does not start tracing
+    # in torch.nn files, so compiling nn.Linear's own _call_impl would silently run it eagerly.
+    return module._call_impl(*args, **kwargs)
+
+
+_COMPILED = itertools.count()
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own. Dynamo caches graphs per code object, with a limit of
+    8 per code object: one shared code object would make the 9th compiled model run eagerly."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COMPILED)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name)
+
+
+class CompiledCall:
+    """What a compiled model's ``__call__`` runs: its Dynamo-compiled forward, compiled at the first
+    call (a copy's state is complete only then)."""
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)  # the model holds this call: no reference cycle
+        self._compiled = None
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        state = model.__dict__["_qpass"]
+        if self._compiled is None:
+            self._compiled = torch.compile(_own_code(_call_module), backend=_Backend(state), **state.options)
+        out = self._compiled(model, *args, **kwargs)
+        if not state.checked:
+            _check_first_call(state)
+        return out
+
+
+def install(model: nn.Module, state: QpassState, hooks: list | None = None) -> nn.Module:
+    """Attach ``state`` to ``model`` and make every call of it go through qpass's capture."""
+    state.attach(model, hooks)
+    model.__dict__["_compiled_call_impl"] = CompiledCall(model)
+    return model
+
+
+def remove(model: nn.Module) -> None:
+    """Undo :func:`install`: the model runs as plain Python again, without qpass's state."""
+    model.__dict__["_qpass"].detach_from(model)
+    model.__dict__.pop("_compiled_call_impl", None)
+
+
+def recapture(model: nn.Module, *, observe=None, calibration: dict | None = None) -> None:
+    """Forget the captured graphs: the model's next call captures them afresh, calibrating with
+    ``observe`` or quantizing with ``calibration`` statistics."""
+    model.__dict__["_qpass"].restart(observe=observe, calibration=calibration)
+    model.__dict__["_compiled_call_impl"] = CompiledCall(model)
+
+
+@contextlib.contextmanager
+def uncompiled(model: nn.Module):
+    """Run ``model`` as plain Python (torch.export traces it itself)."""
+    saved = model.__dict__.pop("_compiled_call_impl", None)
+    try:
+        yield model
+    finally:
+        if saved is not None:
+            model.__dict__["_compiled_call_impl"] = saved
+
+
+def state_of(model: nn.Module, what: str) -> QpassState:
+    """The state of a model compiled by ``qpass.compile``; ``what`` names the caller in the error."""
+    state = getattr(model, "_qpass", None)
+    if not isinstance(state, QpassState):
+        raise ValueError(f"{what} takes a model compiled by qpass.compile")
+    return state
+
+
+def _check_first_call(state: QpassState) -> None:
+    """After the first call every graph of the model is captured: say what did not apply."""
+    state.checked = True
+    if not state.graphs_captured:
+        warnings.warn(
+            "qpass captured no graph: Dynamo ran this model eagerly, so it is NOT quantized (often its "
+            "recompile limit, torch._dynamo.config.recompile_limit, used up by earlier compiled models "
+            "of the same class; torch._dynamo.reset() clears it)", stacklevel=4,
+        )
+    elif not state.plans:
+        warnings.warn("qpass found no matmul or attention in this model: it runs unquantized", stacklevel=4)
+    globs = [glob for glob, _ in state.recipe.rules] + list(state.recipe.exclude)
+    for glob in globs:
+        if glob not in state.matched_globs:
+            warnings.warn(f"qpass: the glob {glob!r} matches no site (qpass.report lists them)", stacklevel=4)
+
+
+# ---- copies and pickles ----------------------------------------------------------------------------
+
+
+def _reduce_state(state: QpassState):
+    """A copy (or pickle) of a compiled model's state starts afresh (its graphs are captured again,
+    with states of its own), takes the delayed-scaling histories with it, applied as the copy's
+    sites are found, and compiles the model's copy, which ``copy`` and ``pickle`` reach first (the
+    state's arguments name it, so the copy's arguments name the model's copy)."""
+    args = (state.model, state.recipe, state.backend, dict(state.options), state.kernels, state._hooks, state.saved_tensors())
+    return _restore_state, args
+
+
+def _restore_state(model, recipe, backend, options, kernels, hooks, tensors) -> QpassState:
+    state = QpassState(recipe, backend, options, kernels)
+    state._pending = tensors
+    if model is not None:
+        # The model's copy has copies of the hooks, which find this state; its __dict__ is filled
+        # after this returns, by an update that keeps the compiled call.
+        install(model, state, hooks)
+    return state
+
+
+copyreg.pickle(QpassState, _reduce_state)

@@ -1,0 +1,41 @@
+"""How one quantized product runs: by the generated kernels or the reference, with which delayed-scaling states.
+
+These are backend choices, kept out of the numerics (:class:`~qpass.matmul_quantizers.MatmulQuantizers`):
+the lowering pass (:mod:`qpass.passes.lower`) decides them once per product, records them on the
+site's plan, and the rewritten graph passes them to the ops as JSON beside the quantizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qpass.jsontuple import JsonTuple
+from qpass.matmul_quantizers import MatmulQuantizers
+
+
+@dataclass(frozen=True)
+class Execution(JsonTuple):
+    """``kernels``: the operands are quantized by qpass's generated Triton kernels (CUDA, or Triton's
+    interpreter), else by the reference numerics. ``a_state``, ``b_state``, ``grad_state``: keys of
+    the delayed-scaling states (:mod:`qpass.ops.registry`) of per-tensor operands ("" for none)."""
+
+    kernels: bool = False
+    a_state: str = ""
+    b_state: str = ""
+    grad_state: str = ""
+
+    def check(self, quantizers: MatmulQuantizers) -> Execution:
+        """``self``, if its states fit ``quantizers``: a state records one amax per step, so its
+        operand must be quantized once for both its GEMMs."""
+        once = quantizers.quantized_once()
+        for operand, state in (("a", self.a_state), ("b", self.b_state), ("grad", self.grad_state)):
+            if state and not once[operand]:
+                raise ValueError(f"{operand}_state: delayed scaling needs one per-tensor quantizer for the operand in both its GEMMs")
+        return self
+
+    @property
+    def has_states(self) -> bool:
+        return any((self.a_state, self.b_state, self.grad_state))
+
+
+REFERENCE = Execution()
