@@ -41,8 +41,9 @@ import torch
 from torch import fx, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qpass  # noqa: E402
 from results import write_section  # noqa: E402
+
+import qpass  # noqa: E402
 from qpass.compile import _dynamo_parameters  # noqa: E402
 from qpass.passes import quantize_graph  # noqa: E402
 from qpass.recipes import get_recipe  # noqa: E402
@@ -270,7 +271,9 @@ def step_trainers(shape: LlamaShape, layers: int, warmup: int, steps: int) -> li
     tokens = shape.tokens()
     torch._dynamo.reset()
     trainers = [Trainer("unquantized", base, lambda m: torch.compile(m, backend="aot_eager"))]
-    trainers += [Trainer(r, base, lambda m, r=r: qpass.compile(m, r, backend="aot_eager")) for r in STEP_RECIPES]
+    trainers += [
+        Trainer(r, base, lambda m, r=r: qpass.compile(m, r, backend="aot_eager")) for r in STEP_RECIPES
+    ]
     if _has_torchao():
         trainers.append(Trainer(f"torchao {torchao.__version__} float8 (tensorwise)", base, _torchao_float8))
     for trainer in trainers:

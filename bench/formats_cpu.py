@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qpass  # noqa: E402
 from results import write_section  # noqa: E402
 
+import qpass  # noqa: E402
 
 MX_ELEMENTS = {  # qpass name -> torchao elem_dtype
     "mxfp8_e4m3": torch.float8_e4m3fn,
@@ -103,7 +103,8 @@ def main() -> None:
         f"fake_quantize of a {args.size}x{args.size} fp32 tensor, best of {args.repeats}, "
         f"torch {torch.__version__}, {peer_version}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}.\n"
-        f"Reproduce: `make bench` (or `python bench/formats_cpu.py --size {args.size} --repeats {args.repeats}`).\n\n"
+        "Reproduce: `make bench` "
+        f"(or `python bench/formats_cpu.py --size {args.size} --repeats {args.repeats}`).\n\n"
         "Throughput in million elements per second (eager PyTorch on both sides).\n\n"
         "| format | qpass | torchao | qpass / torchao |\n|---|---|---|---|\n"
     )

@@ -48,9 +48,10 @@ if not CUDA:
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from results import write_section  # noqa: E402
+
 import qpass  # noqa: E402
 from qpass.quantizer import Quantizer  # noqa: E402
-from results import write_section  # noqa: E402
 
 try:
     import triton
@@ -373,7 +374,7 @@ def quantize_bandwidth() -> tuple[list[BandwidthRow], BandwidthRow]:
     try:
         dst = torch.empty_like(x)
         copy_row.bytes = 2 * nbytes
-        copy_row.ms = median_ms(lambda: dst.copy_(x))
+        copy_row.ms = median_ms(lambda dst=dst, x=x: dst.copy_(x))
         del dst
     except Exception as error:  # noqa: BLE001
         copy_row.error = _error(error)
@@ -387,14 +388,14 @@ def quantize_bandwidth() -> tuple[list[BandwidthRow], BandwidthRow]:
             if fake:
                 row.counted = "x read + bf16 result written"
                 row.bytes = 2 * nbytes
-                row.ms = median_ms(lambda q=quantizer: codegen.fake_quantize(x, q))
+                row.ms = median_ms(lambda q=quantizer, x=x: codegen.fake_quantize(x, q))
             else:
                 qt = codegen.quantize(x, quantizer)
                 outputs = qt.codes.nbytes + qt.scales.nbytes + (4 if qt.tensor_scale is not None else 0)
                 row.counted = "x read + codes + scales written"
                 row.bytes = nbytes + outputs
                 del qt
-                row.ms = median_ms(lambda q=quantizer: codegen.quantize(x, q))
+                row.ms = median_ms(lambda q=quantizer, x=x: codegen.quantize(x, q))
         except Exception as error:  # noqa: BLE001
             row.error = _error(error)
         print(_bandwidth_row(row, copy_row), flush=True)
@@ -454,7 +455,7 @@ def matmul_speed() -> list[MatmulRow]:
     baseline = {}  # M -> ms of torch.matmul(x, wᵀ) in bf16 (or its error), shared by the formats' rows
     for m, x in inputs.items():
         try:
-            baseline[m] = median_ms(lambda x=x: torch.matmul(x, w.T))
+            baseline[m] = median_ms(lambda x=x, w=w: torch.matmul(x, w.T))
         except Exception as error:  # noqa: BLE001
             baseline[m] = f"error: {_error(error)}"
     for fmt in MATMUL_FORMATS:
@@ -470,7 +471,7 @@ def matmul_speed() -> list[MatmulRow]:
             try:
                 if weight is None:
                     raise RuntimeError(weight_error)
-                row.qpass_ms = median_ms(lambda x=inputs[row.m]: weight_matmul(x, weight))
+                row.qpass_ms = median_ms(lambda x=inputs[row.m], weight=weight: weight_matmul(x, weight))
             except Exception as error:  # noqa: BLE001
                 row.error = f"error: {_error(error)}"
             print(_matmul_row(row), flush=True)

@@ -59,7 +59,8 @@ def measure(model: torch.nn.Module, recipe: str, inputs: list[torch.Tensor], dir
 
 def table(rows: list[dict], count: int) -> str:
     lines = [
-        f"| recipe | inputs within {EXACT:g} | median relative error | max relative error | activation quantizers | bits differing from the reference |",
+        f"| recipe | inputs within {EXACT:g} | median relative error | max relative error "
+        "| activation quantizers | bits differing from the reference |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     body = (
         f"The demo's Llama ({demo_args.layers} layers, hidden {demo_args.hidden}, random weights), exported "
         f"portable with dynamic shapes, run by onnxruntime {ort.__version__} (CPU) on {args.inputs} random "
-        f"{args.batch}x{args.seq} token sequences; `{command}`, {platform.processor() or platform.machine()}, "
+        f"{args.batch}x{args.seq} token sequences; `{command}`, "
+        f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {time.time() - start:.0f} s.\n\n" + table(rows, args.inputs) + "\n"
         "Every activation quantizer and rotation, rerun by qpass's reference on the values it received in "
         "the ONNX run, gives the same bits (last column). Where the logits still differ by more than fp32 "

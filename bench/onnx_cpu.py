@@ -650,10 +650,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_all(args: argparse.Namespace) -> list[str]:
+    import demo
     import onnxruntime as ort
     import torch
-
-    import demo
 
     ort.set_default_logger_severity(3)  # the probes report ORT's warnings; here they would only clutter
     started = time.perf_counter()

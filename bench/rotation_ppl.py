@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 import demo  # noqa: E402
-import qpass  # noqa: E402
 from results import write_section  # noqa: E402
+
+import qpass  # noqa: E402
 
 CACHE = ROOT / "build" / "rotation_ppl"
 RECIPE = "mxfp4-infer"
@@ -90,10 +91,15 @@ RUNS = (
     # Rotating only where the outliers are: elsewhere a rotation trades MXFP4's good fit to the
     # products' heavy-tailed structure for Gaussian error (docs/rotation.md).
     Run(
-        "down_proj block32 + OCS calibrated", dict(hadamard=None, rules=[(DOWN_PROJ, {"hadamard": "block32"})], ocs=OCS_RATIO),
+        "down_proj block32 + OCS calibrated",
+        dict(hadamard=None, rules=[(DOWN_PROJ, {"hadamard": "block32"})], ocs=OCS_RATIO),
         calibrate=True, combination=True,
     ),
-    Run("bound: down_proj inputs unquantized", dict(hadamard=None, rules=[(DOWN_PROJ, {"input": None})]), bound=True),
+    Run(
+        "bound: down_proj inputs unquantized",
+        dict(hadamard=None, rules=[(DOWN_PROJ, {"input": None})]),
+        bound=True,
+    ),
     Run("bound: down_proj unquantized", dict(hadamard=None, exclude=[DOWN_PROJ]), bound=True),
     Run("bound: no input quantized (weight-only)", dict(hadamard=None, input=None), bound=True),
 )

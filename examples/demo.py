@@ -27,13 +27,13 @@ import math
 import statistics
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: the demo only writes a PNG
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from pydoc_data.topics import topics  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import qpass  # noqa: E402
@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=128, help="bytes per sequence")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
-    parser.add_argument("--heldout-batches", type=int, default=HELDOUT_BATCHES, help="held-out batches to evaluate")
+    parser.add_argument(
+        "--heldout-batches", type=int, default=HELDOUT_BATCHES, help="held-out batches to evaluate"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "demo" / "loss.png", help="plot path")
@@ -125,7 +127,9 @@ def train(model: torch.nn.Module, run: str, batches: list, args) -> tuple[list[f
     """AdamW over ``batches``; returns the loss of every step and the median seconds per step after
     the compiling ones (a median, so that a moment of contention for the CPU does not skew it)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, len(batches), args.schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, len(batches), args.schedule)
+    )
     log_every = max(1, len(batches) // 10)
     losses, durations = [], []
     start = time.perf_counter()

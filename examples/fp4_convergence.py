@@ -234,7 +234,8 @@ def describe(args: argparse.Namespace, parameters: int) -> list[str]:
             f"examples/demo.py's byte-level Llama ({args.layers} layers, hidden {args.hidden}, "
             f"{parameters / 1e6:.2f} M parameters, random init) trained on Python's help topics for "
             f"{args.steps} steps of {args.batch} x {args.seq} bytes "
-            f"({args.steps * args.batch * args.seq / 1e6:.2f} M tokens; AdamW, lr {args.lr}, {args.schedule} schedule). Every run "
+            f"({args.steps * args.batch * args.seq / 1e6:.2f} M tokens; AdamW, lr {args.lr}, "
+            f"{args.schedule} schedule). Every run "
             "starts from the same initial weights and sees the same batches, except the other seed's "
             "(docs/fp4_training.md describes the FP4 recipes):"
         ),

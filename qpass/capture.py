@@ -8,12 +8,21 @@ installs and removes that call, re-captures (calibration starts over with new gr
 as plain Python (torch.export traces it itself), and makes copies and pickles of a compiled model
 compiled too: torch drops ``_compiled_call_impl`` from them, which would leave them unquantized, so
 :class:`~qpass.state.QpassState` is reduced (``copyreg``) to a function that installs the call again.
+
+Dynamo caches graphs per code object, at most ``recompile_limit`` (8) per code object, and after a
+graph break it resumes in the model's own frames, whose code objects every instance of the class
+shares. Each compiled model is therefore compiled with ``isolate_recompiles=True``: its cache entries
+form a region of their own, so no number of compiled models of one class uses up another's limit
+(nor, past a limit, runs another model's graphs). What still runs unquantized for a reason qpass
+can see is caught at every call: forward pre-hooks on the modules that hold weights record those
+called outside any Dynamo graph, and the call warns, naming the model, the modules and the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copyreg
+import inspect
 import itertools
 import types
 import warnings
@@ -52,18 +61,21 @@ def quantize_captured(gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor
 
 
 class _Backend:
-    """The torch.compile backend: quantize the captured graph, then compile it."""
+    """The torch.compile backend: quantize the captured graph, then compile it. Dynamo keeps every
+    backend until ``torch._dynamo.reset()``: this one holds its model's state weakly, so that the
+    state (plans, packed weights) goes with the model."""
 
     def __init__(self, state: QpassState):
-        self.state = state
+        self._state = weakref.ref(state)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        state = self._state()
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-        target = Target(self.state.kernels, on_cuda, frozen=not torch.is_grad_enabled())
-        quantize_captured(gm, dynamo_parameters(gm), self.state, target)
-        if self.state.observe is not None:
+        target = Target(state.kernels, on_cuda, frozen=not torch.is_grad_enabled())
+        quantize_captured(gm, dynamo_parameters(gm), state, target)
+        if state.observe is not None:
             return gm.forward  # calibrating: the observers are Python functions in the graph
-        return torch._dynamo.lookup_backend(self.state.backend)(gm, example_inputs)
+        return torch._dynamo.lookup_backend(state.backend)(gm, example_inputs)
 
 
 def _call_module(module: nn.Module, *args, **kwargs):
@@ -82,9 +94,13 @@ def _own_code(fn):
     return types.FunctionType(code, fn.__globals__, code.co_name)
 
 
+# A region of cache entries per compiled model (torch >= 2.13); older torch shares the limit.
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+
 class CompiledCall:
     """What a compiled model's ``__call__`` runs: its Dynamo-compiled forward, compiled at the first
-    call (a copy's state is complete only then)."""
+    call (a copy's state is complete only then), watched for modules that ran eagerly."""
 
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)  # the model holds this call: no reference cycle
@@ -94,16 +110,21 @@ class CompiledCall:
         model = self._model()
         state = model.__dict__["_qpass"]
         if self._compiled is None:
-            self._compiled = torch.compile(_own_code(_call_module), backend=_Backend(state), **state.options)
-        out = self._compiled(model, *args, **kwargs)
+            backend = _Backend(state)
+            self._compiled = torch.compile(_own_code(_call_module), backend=backend, **_ISOLATED, **state.options)
+        with _watching(model, state):
+            out = self._compiled(model, *args, **kwargs)
         if not state.checked:
-            _check_first_call(state)
+            _check_first_call(model, state)
         return out
 
 
 def install(model: nn.Module, state: QpassState, hooks: list | None = None) -> nn.Module:
-    """Attach ``state`` to ``model`` and make every call of it go through qpass's capture."""
+    """Attach ``state`` to ``model`` and make every call of it go through qpass's capture;
+    ``hooks``: a copied model's own (its hook tables are copied with it)."""
     state.attach(model, hooks)
+    if hooks is None:
+        state._hooks += [module.register_forward_pre_hook(_EagerWatch(name)) for name, module in _weight_holders(model)]
     model.__dict__["_compiled_call_impl"] = CompiledCall(model)
     return model
 
@@ -140,14 +161,13 @@ def state_of(model: nn.Module, what: str) -> QpassState:
     return state
 
 
-def _check_first_call(state: QpassState) -> None:
+def _check_first_call(model: nn.Module, state: QpassState) -> None:
     """After the first call every graph of the model is captured: say what did not apply."""
     state.checked = True
     if not state.graphs_captured:
         warnings.warn(
-            "qpass captured no graph: Dynamo ran this model eagerly, so it is NOT quantized (often its "
-            "recompile limit, torch._dynamo.config.recompile_limit, used up by earlier compiled models "
-            "of the same class; torch._dynamo.reset() clears it)", stacklevel=4,
+            f"qpass captured no graph of {type(model).__name__}: Dynamo ran it eagerly, so it is NOT "
+            "quantized (see the warning about the modules that ran eagerly for the cause)", stacklevel=4,
         )
     elif not state.plans:
         warnings.warn("qpass found no matmul or attention in this model: it runs unquantized", stacklevel=4)
@@ -155,6 +175,77 @@ def _check_first_call(state: QpassState) -> None:
     for glob in globs:
         if glob not in state.matched_globs:
             warnings.warn(f"qpass: the glob {glob!r} matches no site (qpass.report lists them)", stacklevel=4)
+
+
+# ---- what ran eagerly -----------------------------------------------------------------------------
+
+
+def _weight_holders(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that hold a matrix (or larger) parameter of their own: where GEMM sites live."""
+    return [
+        (name, module) for name, module in model.named_modules()
+        if any(p.ndim >= 2 and p.is_floating_point() for p in module.parameters(recurse=False))
+    ]
+
+
+_EAGER: list[list[str]] = []  # per compiled call in progress, the modules that ran outside a graph
+
+
+class _EagerWatch:
+    """A forward pre-hook that records its module when it runs as plain Python. Traced by Dynamo it
+    computes nothing (``is_compiling()`` is a constant there), and a compiled graph never calls it.
+    A class, not a closure, so that a compiled model still pickles."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if _EAGER and not torch.compiler.is_compiling():
+            _EAGER[-1].append(self.name)
+
+
+# Dynamo must not compile the hook as a frame of its own (an eagerly run caller would then see it
+# "compiling"); inlined into a traced caller it still is.
+torch._dynamo.eval_frame.skip_code(_EagerWatch.__call__.__code__)
+
+
+def _dynamo_decisions() -> tuple[int, set[str]]:
+    """Frames Dynamo failed to compile so far, and the reasons it gave for not compiling code."""
+    counters = torch._dynamo.utils.counters
+    reasons = {f"{k}={n}" for group in ("unimplemented", "graph_break") for k, n in counters[group].items()}
+    return counters["frames"]["total"] - counters["frames"]["ok"], reasons
+
+
+def _cause(before: tuple[int, set[str]], after: tuple[int, set[str]]) -> str:
+    """Why modules ran eagerly in this call, from what Dynamo counted during it."""
+    new = after[1] - before[1]
+    if any("recompile limit" in reason for reason in new):
+        return "Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit) and ran the frame eagerly"
+    if any("disable" in reason for reason in new):
+        return "the code is excluded from compilation (torch.compiler.disable / torch._dynamo.disable)"
+    if after[0] > before[0]:
+        return "a frame failed to compile and Dynamo ran it eagerly (torch._dynamo.config.suppress_errors)"
+    return ("Dynamo runs these frames eagerly since an earlier call (a frame it skips, or a limit hit "
+            "before); TORCH_LOGS=graph_breaks,recompiles says more")
+
+
+@contextlib.contextmanager
+def _watching(model: nn.Module, state: QpassState):
+    """Warn, at every call, about quantizable modules that ran outside any Dynamo graph."""
+    before = _dynamo_decisions()
+    _EAGER.append([])
+    try:
+        yield
+    finally:
+        eager = _EAGER.pop()
+    # Modules whose every site stays in high precision anyway (embeddings, lm_head) are no loss.
+    excluded = {p.site.module for p in state.plans.values()} - {p.site.module for p in state.plans.values() if p.excluded is None}
+    eager = sorted(set(eager) - excluded)
+    if eager and state.observe is None:
+        warnings.warn(
+            f"qpass: {type(model).__name__} ran {', '.join(eager)} eagerly, so they are NOT quantized: "
+            f"{_cause(before, _dynamo_decisions())}", stacklevel=4,
+        )
 
 
 # ---- copies and pickles ----------------------------------------------------------------------------

@@ -62,7 +62,9 @@ def load_model(source: str, input_shape: list[int] | None) -> tuple[torch.nn.Mod
         return model, (torch.randint(0, config.vocab_size, input_shape or [2, 16]),)
     module_name, _, function = source.rpartition(":")
     if not module_name or not function:
-        raise SystemExit(f"qpass export: {source!r} is neither a Hugging Face model directory nor module:function")
+        raise SystemExit(
+            f"qpass export: {source!r} is neither a Hugging Face model directory nor module:function"
+        )
     if module_name.endswith(".py"):
         spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
         module = importlib.util.module_from_spec(spec)
@@ -92,7 +94,9 @@ def export_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="qpass", description="qpass: low-precision quantization for PyTorch")
+    parser = argparse.ArgumentParser(
+        prog="qpass", description="qpass: low-precision quantization for PyTorch"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     formats = commands.add_parser("formats", help="bits and QSNR of every named format")
     formats.add_argument("--rows", type=int, default=256)
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     export.add_argument("--dialect", default="portable", choices=("portable", "qdq"))
     export.add_argument("--input-shape", type=lambda text: [int(d) for d in text.split("x")],
-                        help="example input shape, e.g. 2x16 (token ids of a HF model, the default) or 2x8x256")
+                        help="example input shape, e.g. 2x16 (token ids of a HF model, the default) "
+                             "or 2x8x256")
     export.add_argument("--check", action="store_true", help="validate the file against qpass in PyTorch")
     args = parser.parse_args(argv)
     if args.command == "formats":

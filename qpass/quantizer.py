@@ -46,7 +46,9 @@ class Quantizer(JsonTuple):
         elif spec.scaling == "mx":
             object.__setattr__(self, "scale_mode", spec.scale_mode)
         else:  # nvfp4: 1x16 blocks (the default) or 16x16 tiles
-            object.__setattr__(self, "granularity", ("tile", spec.block_size) if spec.granularity == "tile" else None)
+            object.__setattr__(
+                self, "granularity", ("tile", spec.block_size) if spec.granularity == "tile" else None
+            )
 
     @functools.cached_property
     def spec(self) -> FormatSpec:

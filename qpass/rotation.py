@@ -41,7 +41,9 @@ class Rotation(JsonTuple):
         if isinstance(self.signs, list):  # JSON has no tuples
             object.__setattr__(self, "signs", tuple(self.signs))
         if self.block is not None and self.block not in BLOCK_SIZES:
-            raise ValueError(f"Hadamard block size {self.block} is not one of {BLOCK_SIZES} (or None for full size)")
+            raise ValueError(
+                f"Hadamard block size {self.block} is not one of {BLOCK_SIZES} (or None for full size)"
+            )
         if sum((self.seed is not None, self.signs is not None, self.resample)) > 1:
             raise ValueError("a Rotation takes one of seed= (fixed random signs), signs= and resample=True")
         if self.signs is not None:
@@ -57,9 +59,14 @@ class Rotation(JsonTuple):
             return value
         if value == "full":
             return Rotation(None)
-        if isinstance(value, str) and value.startswith("block") and value[5:].isdigit() and int(value[5:]) in BLOCK_SIZES:
+        if (
+            isinstance(value, str) and value.startswith("block") and value[5:].isdigit()
+            and int(value[5:]) in BLOCK_SIZES
+        ):
             return Rotation(int(value[5:]))
-        raise ValueError(f"unknown rotation {value!r}; expected one of {', '.join(NAMES[:-1])}, a qpass.Rotation or None")
+        raise ValueError(
+            f"unknown rotation {value!r}; expected one of {', '.join(NAMES[:-1])}, a qpass.Rotation or None"
+        )
 
     def padded(self, length: int) -> int:
         """The rotated length: ``length`` rounded up to a whole number of blocks."""
@@ -84,9 +91,13 @@ class Rotation(JsonTuple):
         if self.padded(length) != length:
             x = torch.nn.functional.pad(x, (0, self.padded(length) - length))
         if self.resample != (signs is not None):
-            raise ValueError("signs= are given for a resample=True rotation (from draw_signs), and only for one")
+            raise ValueError(
+                "signs= are given for a resample=True rotation (from draw_signs), and only for one"
+            )
         signs = self.sign_vector(length) if signs is None else signs
-        out = hadamard_transform(x, self.block, None if signs is None else signs.to(x.device), inverse=inverse)
+        out = hadamard_transform(
+            x, self.block, None if signs is None else signs.to(x.device), inverse=inverse
+        )
         return out.movedim(-1, axis)
 
     def __str__(self) -> str:
@@ -136,7 +147,9 @@ class Hadamard:
         if isinstance(value, dict):
             unknown = set(value) - {*GEMMS, "residual"}
             if unknown:
-                raise ValueError(f"unknown hadamard keys {sorted(unknown)}; expected some of {', '.join(GEMMS)}, residual")
+                raise ValueError(
+                    f"unknown hadamard keys {sorted(unknown)}; expected some of {', '.join(GEMMS)}, residual"
+                )
             rotations = {gemm: Rotation.parse(value.get(gemm)) for gemm in GEMMS}
             residual = value.get("residual")
             residual = Rotation(None, seed=0) if residual is True else Rotation.parse(residual or None)

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import torch
 from torch import nn
@@ -49,3 +50,71 @@ def test_uncompiled_runs_plain_python_and_puts_the_call_back():
         plain = qm(x)
     assert torch.equal(plain, two_linears()(x))
     assert not torch.equal(qm(x), plain)  # quantized again
+
+
+class Disabled(nn.Module):
+    """A block whose second linear Dynamo never compiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 64)
+        self.down = nn.Linear(64, 64)
+
+    @torch._dynamo.disable
+    def _down(self, x):
+        return self.down(x)
+
+    def forward(self, x):
+        return self._down(torch.relu(self.up(x)))
+
+
+def qpass_warnings(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "qpass" in str(w.message)]
+
+
+def test_a_disabled_frame_warns_at_every_call_naming_the_model_and_the_cause():
+    qm = qpass.compile(Disabled(), "fp8-infer", backend="eager")
+    x = torch.randn(4, 64)
+    for _ in range(2):  # the first call decides, the second only runs: both warn
+        (message,) = qpass_warnings(lambda: qm(x))
+        assert message.startswith("qpass: Disabled ran down eagerly, so they are NOT quantized")
+    assert [row["site"] for row in qpass.report(qm).quantized] == ["up"]
+
+
+def test_a_recompile_limit_warns_at_every_call():
+    qm = qpass.compile(two_linears(), "fp8-infer", backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=0):
+        messages = qpass_warnings(lambda: qm(torch.randn(4, 64)))
+        assert any("ran 0, 2 eagerly" in m and "recompile limit" in m for m in messages), messages
+        assert any("captured no graph of Sequential" in m for m in messages), messages
+        assert any("ran 0, 2 eagerly" in m for m in qpass_warnings(lambda: qm(torch.randn(4, 64))))
+
+
+def test_a_suppressed_compile_error_warns(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("a pass failed")
+
+    qm = qpass.compile(two_linears(), "fp8-infer", backend="eager")
+    monkeypatch.setattr(capture, "quantize_captured", fail)
+    with torch._dynamo.config.patch(suppress_errors=True):
+        messages = qpass_warnings(lambda: qm(torch.randn(4, 64)))
+    assert any("ran 0, 2 eagerly" in m and "failed to compile" in m for m in messages), messages
+
+
+def test_graph_breaks_alone_do_not_warn():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            x = self.up(x)
+            torch._dynamo.graph_break()
+            return self.down(x)
+
+    qm = qpass.compile(Broken(), "fp8-infer", backend="eager")
+    assert qpass_warnings(lambda: qm(torch.randn(4, 64))) == []
+    assert [row["site"] for row in qpass.report(qm).quantized] == ["up", "down"]

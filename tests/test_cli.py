@@ -13,7 +13,9 @@ from qpass.formats import NAMED_FORMATS
 
 @pytest.fixture(scope="module")
 def table():
-    return {name: (bits, q_normal, q_heavy) for name, bits, q_normal, q_heavy in format_table(rows=8, cols=1024)}
+    return {
+        name: (bits, q_normal, q_heavy) for name, bits, q_normal, q_heavy in format_table(rows=8, cols=1024)
+    }
 
 
 def test_every_named_format_has_a_row(table):
@@ -67,7 +69,8 @@ def bare():
 def test_export_writes_and_checks_a_model_from_a_factory(tmp_path, capsys):
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY)
-    main(["export", f"{factory}:mlp", "--recipe", "mxfp4-weight-only", "-o", str(tmp_path / "mlp.onnx"), "--check"])
+    main(["export", f"{factory}:mlp", "--recipe", "mxfp4-weight-only", "-o", str(tmp_path / "mlp.onnx"),
+          "--check"])
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'mlp.onnx'}" in out and "portable dialect, recipe mxfp4-weight-only" in out
     assert "onnx.checker passed" in out and "max relative error" in out
@@ -76,12 +79,12 @@ def test_export_writes_and_checks_a_model_from_a_factory(tmp_path, capsys):
 def test_export_of_a_hugging_face_directory(tmp_path, capsys):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=32)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    main(["export", str(tmp_path / "llama"), "--recipe", "fp8-infer", "--dialect", "qdq", "-o", str(tmp_path / "l.onnx"),
-          "--input-shape", "2x8"])
+    main(["export", str(tmp_path / "llama"), "--recipe", "fp8-infer", "--dialect", "qdq",
+          "-o", str(tmp_path / "l.onnx"), "--input-shape", "2x8"])
     assert "qdq dialect, recipe fp8-infer" in capsys.readouterr().out
     assert (tmp_path / "l.onnx").stat().st_size > 0
 

@@ -82,7 +82,9 @@ def test_fast_full_transform_matches_dense(n, with_signs):
     rotation = hadamard_matrix(n) if signs is None else signs.double()[:, None] * hadamard_matrix(n)
     y = hadamard_transform(x, signs=signs)
     torch.testing.assert_close(y, x @ rotation, rtol=0, atol=1e-12)
-    torch.testing.assert_close(hadamard_transform(x, signs=signs, inverse=True), x @ rotation.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        hadamard_transform(x, signs=signs, inverse=True), x @ rotation.T, rtol=0, atol=1e-12
+    )
     torch.testing.assert_close(hadamard_transform(y, signs=signs, inverse=True), x, rtol=0, atol=1e-12)
 
 
@@ -114,7 +116,9 @@ def test_block_transform_matches_block_diagonal(block, with_signs):
     dense = block_diagonal(rotation, n)
     y = hadamard_transform(x, block, signs)
     torch.testing.assert_close(y, x @ dense, rtol=0, atol=1e-12)
-    torch.testing.assert_close(hadamard_transform(x, block, signs, inverse=True), x @ dense.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        hadamard_transform(x, block, signs, inverse=True), x @ dense.T, rtol=0, atol=1e-12
+    )
     torch.testing.assert_close(hadamard_transform(y, block, signs, inverse=True), x, rtol=0, atol=1e-12)
 
 
@@ -136,7 +140,9 @@ def test_gradient_is_the_inverse_transform(block):
 @pytest.mark.parametrize("block", [None, 4])
 def test_gradcheck(block):
     x = randn(2, 24).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: hadamard_transform(t, block, random_signs(block or 24, 0)), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: hadamard_transform(t, block, random_signs(block or 24, 0)), (x,)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -156,7 +162,9 @@ def test_input_is_not_modified_and_leading_shape_kept():
     y = hadamard_transform(x, signs=random_signs(40, seed=0))
     assert y.shape == x.shape
     torch.testing.assert_close(x, before, rtol=0, atol=0)
-    torch.testing.assert_close(y.reshape(-1, 40), hadamard_transform(x.reshape(-1, 40), signs=random_signs(40, 0)))
+    torch.testing.assert_close(
+        y.reshape(-1, 40), hadamard_transform(x.reshape(-1, 40), signs=random_signs(40, 0))
+    )
 
 
 def test_block_not_dividing_the_axis_raises_naming_both():

@@ -504,13 +504,60 @@ def test_a_model_dynamo_runs_eagerly_warns_it_is_not_quantized():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "qpass limitation: Dynamo's recompile limit (8 per code object) is shared by every qpass-compiled "
-    "model of a class. qpass gives each model its own top-level code object (compile._own_code), but "
-    "after a graph break Dynamo resumes in the model's own frames, shared by every instance (HF GPT-2 "
-    "with labels: can_return_tuple's wrapper); each model's fresh backend adds a cache entry there that "
-    "outlives the model, so from the 9th model on they run eagerly and unquantized (qpass warns)"
-))
 def test_many_compiled_models_are_all_quantized():
     unquantized = [i for i, (quantized, _) in enumerate(compile_many()) if not quantized]
     assert not unquantized, f"models {unquantized} of 9 ran unquantized"
+
+
+def tiny_hf(name: str, seed: int):
+    """A one-layer GPT-2 or Llama; called with labels, both break Dynamo's graph (GPT-2 at a
+    ``logger.warning_once``), so their later frames run in code every instance shares."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, use_cache=False, bos_token_id=1, eos_token_id=2)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, n_positions=64, attn_implementation="eager", **common)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=64, pad_token_id=0, attn_implementation="sdpa", **common,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.slow
+def test_twenty_hugging_face_models_with_graph_breaks_are_all_quantized():
+    """10 GPT-2 and 10 Llama models compiled in one process, recipes alternating (their graphs must
+    not be shared), every other one kept alive: each is fully quantized in its own recipe, with no
+    qpass warning, and the live ones still are when called again at the end."""
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    alive, failures = [], []
+    try:
+        for i in range(20):
+            name, recipe = ("gpt2", "llama")[i % 2], ("fp8-infer", "mxfp8-infer")[i // 2 % 2]
+            model = qpass.compile(tiny_hf(name, i), recipe, backend="eager")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with torch.no_grad():
+                    model(ids, labels=ids)
+            rows = qpass.report(model).rows
+            linears = [r for r in rows if r["kind"] in GEMM_KINDS and r["site"] != "lm_head"]
+            weights = {r["formats"].get("fprop.weight") for r in linears}
+            expected = {"fp8_e4m3(channel)"} if recipe == "fp8-infer" else {"mxfp8_e4m3"}
+            messages = [str(w.message) for w in caught if "qpass" in str(w.message)]
+            if not linears or not all(r["quantized"] for r in linears) or weights != expected or messages:
+                failures.append((i, name, recipe, len(linears), weights, messages[:1]))
+            if i % 2 == 0 or i % 4 == 1:  # both kinds kept alive, both deleted
+                alive.append(model)
+            del model
+            gc.collect()
+        for model in alive:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with torch.no_grad():
+                    model(ids, labels=ids)
+            assert not [w for w in caught if "qpass" in str(w.message)]
+    finally:
+        del alive
+        torch._dynamo.reset()
+    assert not failures, failures

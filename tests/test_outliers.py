@@ -81,7 +81,10 @@ def test_outliers_are_what_the_passes_fix():
     for transform in ("ocs 0.02", "hadamard block32"):
         assert abs(gain("none", "mxfp4-infer", transform)) < 0.3
     # The outliers cost MXFP4 over 1.5 dB to begin with.
-    assert measured_qsnr("none", "mxfp4-infer", "plain") > measured_qsnr("weight outliers", "mxfp4-infer", "plain") + 1.5
+    assert (
+        measured_qsnr("none", "mxfp4-infer", "plain")
+        > measured_qsnr("weight outliers", "mxfp4-infer", "plain") + 1.5
+    )
 
 
 def test_fp8_does_not_suffer_from_outliers():
@@ -130,8 +133,10 @@ def trained_linear_inputs() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 
 REAL_TRANSFORMS = {
-    "plain": (dict(hadamard=None), False), "ocs 0.02 (weights)": (dict(hadamard=None, ocs=0.02), False),
-    "ocs 0.05 (calibrated)": (dict(hadamard=None, ocs=0.05), True), "hadamard block32": (dict(hadamard="block32"), False),
+    "plain": (dict(hadamard=None), False),
+    "ocs 0.02 (weights)": (dict(hadamard=None, ocs=0.02), False),
+    "ocs 0.05 (calibrated)": (dict(hadamard=None, ocs=0.05), True),
+    "hadamard block32": (dict(hadamard="block32"), False),
 }
 DOWN_PROJS = ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
 
@@ -160,7 +165,10 @@ def test_real_activations_of_a_trained_model():
 
 
 def real_table() -> str:
-    lines = ["| layer | max/rms | " + " | ".join(REAL_TRANSFORMS) + " |", "|---|---:|" + "---:|" * len(REAL_TRANSFORMS)]
+    lines = [
+        "| layer | max/rms | " + " | ".join(REAL_TRANSFORMS) + " |",
+        "|---|---:|" + "---:|" * len(REAL_TRANSFORMS),
+    ]
     for name in (*DOWN_PROJS, "layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj"):
         x = trained_linear_inputs()[name][1]
         ratio = (x.abs().amax(0) / x.pow(2).mean().sqrt()).max().item()

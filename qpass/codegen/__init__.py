@@ -6,7 +6,7 @@ per format spec (:mod:`qpass.codegen.spec`), written with the bit-exact device f
 under ``TRITON_INTERPRET=1``).
 """
 
-from qpass.codegen.quantize import dequantize, fake_quantize, quantize
 from qpass.codegen.matmul import weight_matmul
+from qpass.codegen.quantize import dequantize, fake_quantize, quantize
 
 __all__ = ["dequantize", "fake_quantize", "quantize", "weight_matmul"]

@@ -75,7 +75,10 @@ from qpass.quantizer import Quantizer
 TENSOR, CHANNEL, BLOCK, TILE = 0, 1, 2, 3  # GRANULARITIES indices
 ABSMAX, MX, NVFP4 = 0, 1, 2  # SCALINGS indices
 
-WEIGHT_CONSTEXPRS = ("EBITS", "MBITS", "EMIN", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING", "GRANULARITY", "GROUP", "POW2")
+WEIGHT_CONSTEXPRS = (
+    "EBITS", "MBITS", "EMIN", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING", "GRANULARITY", "GROUP",
+    "POW2",
+)
 ACTIVATION_CONSTEXPRS = (
     "EBITS", "MBITS", "EMIN", "EMAX", "MAX_NORMAL", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING",
     "GRANULARITY", "GROUP", "SCALE_MODE", "POW2", "ROUNDING",
@@ -91,15 +94,19 @@ def _weight_codes(w_ptr, n, k0, N, KP, PACKED: tl.constexpr, BLOCK_N: tl.constex
     row = n[:, None].to(tl.int64)
     if PACKED:
         byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        codes = tl.load(w_ptr + row * (KP // 2) + byte_cols[None, :], mask=(n[:, None] < N) & (byte_cols[None, :] < KP // 2), other=0)
+        codes = tl.load(w_ptr + row * (KP // 2) + byte_cols[None, :],
+                        mask=(n[:, None] < N) & (byte_cols[None, :] < KP // 2), other=0)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
-        codes = tl.load(w_ptr + row * KP + cols[None, :], mask=(n[:, None] < N) & (cols[None, :] < KP), other=0)
+        codes = tl.load(w_ptr + row * KP + cols[None, :],
+                        mask=(n[:, None] < N) & (cols[None, :] < KP), other=0)
     return codes
 
 
 @triton.jit
-def _weight_scale_codes(scales_ptr, n, k0, N, KP, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+def _weight_scale_codes(
+    scales_ptr, n, k0, N, KP, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+):
     """The stored block scales of the tile's ``GROUPS`` blocks, ``[BLOCK_N, GROUPS]`` (0 beyond W)."""
     group_cols = k0 // GROUP + tl.arange(0, GROUPS)
     return tl.load(scales_ptr + n[:, None].to(tl.int64) * (KP // GROUP) + group_cols[None, :],
@@ -122,7 +129,8 @@ def _inner_scale(stored, SCALING: tl.constexpr):
 def _weight_tile(
     w_ptr, scales_ptr, n, k0, N, KP, EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
     HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr, IS_INT: tl.constexpr, PACKED: tl.constexpr,
-    SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """W's ``[BLOCK_N, BLOCK_K]`` tile as fp32 element values times their inner scales."""
     codes = _weight_codes(w_ptr, n, k0, N, KP, PACKED, BLOCK_N, BLOCK_K).to(tl.int32)
@@ -132,8 +140,12 @@ def _weight_tile(
     if GRANULARITY >= BLOCK:
         if GROUP <= BLOCK_K:  # whole blocks in the tile
             GROUPS: tl.constexpr = BLOCK_K // GROUP
-            inner = _inner_scale(_weight_scale_codes(scales_ptr, n, k0, N, KP, GROUP, BLOCK_N, GROUPS), SCALING)
-            values = tl.reshape(tl.reshape(values, (BLOCK_N, GROUPS, GROUP)) * inner[:, :, None], (BLOCK_N, BLOCK_K))
+            inner = _inner_scale(
+                _weight_scale_codes(scales_ptr, n, k0, N, KP, GROUP, BLOCK_N, GROUPS), SCALING
+            )
+            values = tl.reshape(
+                tl.reshape(values, (BLOCK_N, GROUPS, GROUP)) * inner[:, :, None], (BLOCK_N, BLOCK_K)
+            )
         else:  # the tile lies inside one block (both are powers of two)
             stored = tl.load(scales_ptr + n.to(tl.int64) * (KP // GROUP) + k0 // GROUP, mask=n < N, other=0)
             values = values * _inner_scale(stored, SCALING)[:, None]
@@ -150,7 +162,9 @@ def _activation_inner(values, decode, stored, SCALING: tl.constexpr, GRANULARITY
             inner = nm.decode_element(stored, 4, 3, -6, False, True, False)  # s_b (decode is s_b * g)
         else:
             inner = decode  # 2^e
-        values = tl.reshape(tl.reshape(values, (BLOCK_M, BLOCK_K // GROUP, GROUP)) * inner[:, :, None], (BLOCK_M, BLOCK_K))
+        values = tl.reshape(
+            tl.reshape(values, (BLOCK_M, BLOCK_K // GROUP, GROUP)) * inner[:, :, None], (BLOCK_M, BLOCK_K)
+        )
     return values
 
 
@@ -163,7 +177,9 @@ def _activation_outer(amax_ptr, b, rows, R, MAX_NORMAL: tl.constexpr, SCALING: t
         outer = nm.nvfp4_global_scale(nm.bits_float(tl.load(amax_ptr + tl.zeros_like(rows))))
     else:
         index = b * R + rows if GRANULARITY == CHANNEL else tl.zeros_like(rows)
-        encode = nm.absmax_encode(nm.bits_float(tl.load(amax_ptr + index, mask=rows < R, other=0)), MAX_NORMAL, POW2)
+        encode = nm.absmax_encode(
+            nm.bits_float(tl.load(amax_ptr + index, mask=rows < R, other=0)), MAX_NORMAL, POW2
+        )
         outer = nm.div_rn(nm.filled(encode, 1.0), encode)
     return outer
 
@@ -172,7 +188,10 @@ def _activation_outer(amax_ptr, b, rows, R, MAX_NORMAL: tl.constexpr, SCALING: t
     configs=matmul_configs(),
     # The constexprs that decide which tiles are valid (prune_matmul) are part of the key, so a tile
     # tuned for one activation format is never reused for another of the same shape.
-    key=["M", "N", "K", "QUANTIZE_X", "X_GRANULARITY", "X_GROUP", "W_SCALING", "W_GROUP", "X_SPLIT", "DOT_BF16", "DOT_SCALED"],
+    key=[
+        "M", "N", "K", "QUANTIZE_X", "X_GRANULARITY", "X_GROUP", "W_SCALING", "W_GROUP", "X_SPLIT",
+        "DOT_BF16", "DOT_SCALED",
+    ],
     prune_configs_by={"early_config_prune": prune_matmul},
 )
 @triton.jit
@@ -222,7 +241,9 @@ def _weight_matmul_kernel(
     acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, TILE_K):
         cols = k0 + tl.arange(0, TILE_K)
-        x = _load_tile(x_ptr, b[:, None], rows, cols, R, K, stride_xb, stride_xr, stride_xk, x_ptr, 0, TILE_M, TILE_K)
+        x = _load_tile(
+            x_ptr, b[:, None], rows, cols, R, K, stride_xb, stride_xr, stride_xk, x_ptr, 0, TILE_M, TILE_K
+        )
         if DOT_SCALED:  # MX codes and E8M0 scales of both operands straight to the MX tensor cores
             values, decode, stored = _quantize_tile(
                 x, amax_ptr, seed, b, rows, cols, R, XP, X_EBITS, X_MBITS, X_EMIN, X_EMAX, X_MAX_NORMAL,
@@ -239,7 +260,9 @@ def _weight_matmul_kernel(
             if not W_PACKED:
                 w = _as_fp8(w, W_FORMAT)
             w_scales = _weight_scale_codes(w_scales_ptr, n, k0, N, KP, W_GROUP, BLOCK_N, TILE_K // W_GROUP)
-            acc = tl.dot_scaled(a, stored.to(tl.uint8), X_FORMAT, tl.trans(w), w_scales.to(tl.uint8), W_FORMAT, acc)
+            acc = tl.dot_scaled(
+                a, stored.to(tl.uint8), X_FORMAT, tl.trans(w), w_scales.to(tl.uint8), W_FORMAT, acc
+            )
         else:
             if QUANTIZE_X:
                 values, decode, stored = _quantize_tile(
@@ -248,10 +271,15 @@ def _weight_matmul_kernel(
                     X_ROUNDING, TILE_M, TILE_K,
                 )
                 if X_SPLIT:
-                    x = _activation_inner(values, decode, stored, X_SCALING, X_GRANULARITY, X_GROUP, TILE_M, TILE_K)
+                    x = _activation_inner(
+                        values, decode, stored, X_SCALING, X_GRANULARITY, X_GROUP, TILE_M, TILE_K
+                    )
                 else:  # fake quantization, back in x's dtype as qpass.fake_quantize returns it
                     X_GROUP_LEN: tl.constexpr = X_GROUP if X_GRANULARITY >= BLOCK else TILE_K
-                    x = tl.reshape(tl.reshape(values, (TILE_M, TILE_K // X_GROUP_LEN, X_GROUP_LEN)) * decode[:, :, None], (TILE_M, TILE_K))
+                    x = tl.reshape(
+                        tl.reshape(values, (TILE_M, TILE_K // X_GROUP_LEN, X_GROUP_LEN)) * decode[:, :, None],
+                        (TILE_M, TILE_K),
+                    )
                     x = nm.cast_rn(x, x_ptr.dtype.element_ty)  # RNE to bf16 also under the interpreter
             w = _weight_tile(
                 w_ptr, w_scales_ptr, n, k0, N, KP, W_EBITS, W_MBITS, W_EMIN, W_HAS_INF, W_HAS_NAN, W_IS_INT,
@@ -272,7 +300,9 @@ def _weight_matmul_kernel(
     elif W_SCALING == NVFP4:
         acc = acc * tl.load(w_tensor_scale_ptr)
     if X_SPLIT and (X_SCALING == NVFP4 or X_GRANULARITY < BLOCK):
-        acc = acc * _activation_outer(amax_ptr, b, rows, R, X_MAX_NORMAL, X_SCALING, X_GRANULARITY, X_POW2)[:, None]
+        acc = acc * _activation_outer(
+            amax_ptr, b, rows, R, X_MAX_NORMAL, X_SCALING, X_GRANULARITY, X_POW2
+        )[:, None]
     if HAS_BIAS:
         acc = acc + nm.to_float32(tl.load(bias_ptr + n, mask=n < N, other=0.0))[None, :]
     out_rows = (b * R + rows).to(tl.int64)
@@ -293,14 +323,19 @@ def _as_fp8(codes, FORMAT: tl.constexpr):
 # ---- launcher ------------------------------------------------------------------------------------
 
 
-def _check_arguments(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None, input_quantizer, out_dtype) -> None:
+def _check_arguments(
+    x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None, input_quantizer, out_dtype
+) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, QTensor):
-        raise TypeError(f"weight must be a qpass.QTensor (qpass.quantize(w, fmt, axis=-1)), got {type(weight).__name__}")
+        raise TypeError(
+            f"weight must be a qpass.QTensor (qpass.quantize(w, fmt, axis=-1)), got {type(weight).__name__}"
+        )
     if len(weight.shape) != 2 or weight.axis != 1:
         raise ValueError(
-            f"weight must be a 2-D [N, K] weight quantized along K (axis 1); got shape {tuple(weight.shape)}, axis {weight.axis}"
+            "weight must be a 2-D [N, K] weight quantized along K (axis 1); "
+            f"got shape {tuple(weight.shape)}, axis {weight.axis}"
         )
     padded = weight.format.padded_length(weight.shape[1])
     codes_shape = (weight.shape[0], padded // 2 if weight.format.element.bits == 4 else padded)
@@ -310,24 +345,33 @@ def _check_arguments(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x of dtype {x.dtype}: the kernel takes {', '.join(str(d) for d in KERNEL_DTYPES)}")
     if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} does not match the weight's K = {weight.shape[1]} (x must be [..., K])")
+        raise ValueError(
+            f"x {tuple(x.shape)} does not match the weight's K = {weight.shape[1]} (x must be [..., K])"
+        )
     if weight.codes.device != x.device:
         raise ValueError(f"x is on {x.device} but the weight's codes are on {weight.codes.device}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if input_quantizer is not None:
         if not isinstance(input_quantizer, Quantizer):
-            raise TypeError(f"input_quantizer must be a qpass.Quantizer or None, got {type(input_quantizer).__name__}")
+            raise TypeError(
+                f"input_quantizer must be a qpass.Quantizer or None, got {type(input_quantizer).__name__}"
+            )
         reason = unsupported(input_quantizer, None, x.dtype)
         if reason is not None:
             raise ValueError(f"no kernel quantizes the input with {input_quantizer}: {reason}")
         if input_quantizer.spec.granularity == "tile" and x.ndim < 2:
-            raise ValueError(f"{input_quantizer} quantizes 16x16 tiles of x's last two dims: x must have 2 or more, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{input_quantizer} quantizes 16x16 tiles of x's last two dims: x must have 2 or more, "
+                f"got shape {tuple(x.shape)}"
+            )
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
 
 
-def dot_scaled_unsupported(x_dtype: torch.dtype, weight: KernelSpec, activations: KernelSpec | None) -> str | None:
+def dot_scaled_unsupported(
+    x_dtype: torch.dtype, weight: KernelSpec, activations: KernelSpec | None
+) -> str | None:
     """Why the ``tl.dot_scaled`` path cannot run this product, or None when it can."""
     def mx_format(spec):
         return spec.scaling == "mx" and (spec.EBITS, spec.MBITS) in DOT_SCALED_FORMATS and not spec.IS_INT
@@ -357,8 +401,9 @@ def _native_mx(device: torch.device) -> bool:
 
 
 def weight_matmul(
-    x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = None, input_quantizer: Quantizer | None = None,
-    out_dtype: torch.dtype | None = None, *, seed: int | None = None, dot_scaled: bool | None = None,
+    x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = None,
+    input_quantizer: Quantizer | None = None, out_dtype: torch.dtype | None = None, *,
+    seed: int | None = None, dot_scaled: bool | None = None,
 ) -> torch.Tensor:
     """``y = Q(x) · dequant(weight)ᵀ (+ bias)``, ``[..., N]`` for x ``[..., K]``, in ``out_dtype``
     (default x's dtype), accumulated in fp32 with the bias added in fp32 before the cast.
@@ -375,11 +420,15 @@ def weight_matmul(
     out_dtype = x.dtype if out_dtype is None else out_dtype
     n_out, k = weight.shape
     w_spec = kernel_spec(weight.format)
-    x_spec = kernel_spec(input_quantizer.spec, input_quantizer.rounding) if input_quantizer is not None else None
+    x_spec = (
+        kernel_spec(input_quantizer.spec, input_quantizer.rounding) if input_quantizer is not None else None
+    )
     reason = dot_scaled_unsupported(x.dtype, w_spec, x_spec)
     if dot_scaled and reason is not None:
         raise ValueError(f"dot_scaled=True: {reason}")
-    use_dot_scaled = reason is None if dot_scaled else (dot_scaled is None and reason is None and _native_mx(x.device))
+    use_dot_scaled = (
+        reason is None if dot_scaled else (dot_scaled is None and reason is None and _native_mx(x.device))
+    )
 
     leading = x.shape[:-1]
     out = torch.empty(*leading, n_out, dtype=out_dtype, device=x.device)
@@ -402,14 +451,22 @@ def weight_matmul(
 
     w_constexprs = {f"W_{name}": getattr(w_spec, name) for name in WEIGHT_CONSTEXPRS}
     # Without an input quantizer the activation constexprs are placeholders (never read).
-    x_constexprs = {f"X_{name}": getattr(x_spec, name) if x_spec is not None else 0 for name in ACTIVATION_CONSTEXPRS}
+    x_constexprs = {
+        f"X_{name}": getattr(x_spec, name) if x_spec is not None else 0 for name in ACTIVATION_CONSTEXPRS
+    }
     inner_exact = _splits(w_spec)
     # fp32 activations split into bf16-exact values and outer factors, where the weights also make
     # a bf16 dot possible (otherwise they stay fake_quantize's fp32 values, for an fp32 dot).
     x_split = x.dtype == torch.float32 and x_spec is not None and _splits(x_spec) and inner_exact
-    tensor_scale = weight.tensor_scale if weight.tensor_scale is not None else weight.scales.new_ones((), dtype=torch.float32)
+    tensor_scale = (
+        weight.tensor_scale if weight.tensor_scale is not None
+        else weight.scales.new_ones((), dtype=torch.float32)
+    )
     m = batches * padded_rows
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))
+
     _weight_matmul_kernel[grid](
         x3, weight.codes.contiguous(), weight.scales.contiguous(), tensor_scale.float().contiguous(),
         bias.contiguous() if bias is not None else out, out, amax, seed,

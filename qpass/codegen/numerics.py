@@ -157,7 +157,9 @@ def round_to_element(
     Stochastic rounding draws ``tl.rand(seed, offsets)`` (Philox): the same seed and element
     offsets give the same result whatever the block sizes, but not torch's random stream.
     """
-    exponent_bits = tl.minimum(tl.maximum(float_bits(x) & F32_EXP_MASK, (EMIN + 127) << 23), (127 + 126) << 23)
+    exponent_bits = tl.minimum(
+        tl.maximum(float_bits(x) & F32_EXP_MASK, (EMIN + 127) << 23), (127 + 126) << 23
+    )
     # 2^(254 + MBITS - E): the constant split in two so that neither overflows an int32 literal.
     inverse_step = bits_float(((127 + MBITS) << 23) - exponent_bits + (127 << 23))
     step = bits_float(exponent_bits - (MBITS << 23))
@@ -198,7 +200,9 @@ def encode_element(
     magnitude = tl.where(nan | inf, 0.0, tl.abs(values))
     exponent, mantissa = exponent_and_mantissa(tl.where(magnitude > 0, magnitude, 1.0))
     normal_code = ((exponent + (1 - EMIN)) << MBITS) | (mantissa >> (23 - MBITS))
-    subnormal_code = (magnitude * pow2(tl.full(magnitude.shape, MBITS - EMIN, tl.int32))).to(tl.int32)  # exact
+    subnormal_code = (
+        (magnitude * pow2(tl.full(magnitude.shape, MBITS - EMIN, tl.int32))).to(tl.int32)  # exact
+    )
     min_normal = pow2(tl.full(magnitude.shape, EMIN, tl.int32))
     code = tl.where(magnitude < min_normal, subnormal_code, normal_code)
     code = code | (sign << (EBITS + MBITS))
@@ -247,7 +251,9 @@ def absmax_encode(amax, MAX_NORMAL: tl.constexpr, POW2: tl.constexpr):
 
 
 @triton.jit
-def mx_exponent(amax, EMAX: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr, SCALE_MODE: tl.constexpr):
+def mx_exponent(
+    amax, EMAX: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr, SCALE_MODE: tl.constexpr,
+):
     """:func:`qpass.formats.mx.shared_exponent` for finite amax > 0. SCALE_MODE: 0 floor, 1 ceil,
     2 even, 3 rceil."""
     if SCALE_MODE == 0:
@@ -264,7 +270,9 @@ def mx_exponent(amax, EMAX: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.co
 
 
 @triton.jit
-def e8m0_codes(amax, EMAX: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr, SCALE_MODE: tl.constexpr):
+def e8m0_codes(
+    amax, EMAX: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr, SCALE_MODE: tl.constexpr,
+):
     """:func:`qpass.formats.mx.e8m0_codes` as int32: 0xFF for a non-finite block, 0 for zeros."""
     positive = amax > 0
     finite = is_finite(amax)

@@ -43,7 +43,10 @@ def _load_tile(x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotatio
                HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """An fp32 ``[BLOCK_R, BLOCK_L]`` tile, zero beyond the tensor, rotated when HADAMARD > 0."""
     mask = (rows[:, None] < R) & (cols[None, :] < L)
-    offsets = b.to(tl.int64) * stride_b + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_l
+    offsets = (
+        b.to(tl.int64) * stride_b + rows[:, None].to(tl.int64) * stride_r
+        + cols[None, :].to(tl.int64) * stride_l
+    )
     x = nm.to_float32(tl.load(x_ptr + offsets, mask=mask, other=0.0))
     if HADAMARD > 0:
         h = tl.arange(0, HADAMARD)
@@ -53,7 +56,8 @@ def _load_tile(x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotatio
     return x
 
 
-@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"], prune_configs_by={"early_config_prune": prune_elementwise})
+@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"],
+                 prune_configs_by={"early_config_prune": prune_elementwise})
 @triton.jit
 def _amax_kernel(x_ptr, amax_ptr, rotation_ptr, R, L, stride_b, stride_r, stride_l,
                  PER_ROW: tl.constexpr, GROUP: tl.constexpr, GRANULARITY: tl.constexpr,
@@ -61,7 +65,9 @@ def _amax_kernel(x_ptr, amax_ptr, rotation_ptr, R, L, stride_b, stride_r, stride
     pid_l, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    x = _load_tile(x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotation_ptr, HADAMARD, BLOCK_R, BLOCK_L)
+    x = _load_tile(
+        x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotation_ptr, HADAMARD, BLOCK_R, BLOCK_L
+    )
     row_amax = tl.max(nm.abs_bits(x), axis=1)
     if PER_ROW:
         tl.atomic_max(amax_ptr + b * R + rows, row_amax, mask=rows < R)
@@ -81,7 +87,9 @@ def _group_scales(x, amax_ptr, b, rows, R, EBITS: tl.constexpr, MBITS: tl.conste
         group_amax = tl.max(nm.abs_bits(tl.reshape(x, (BLOCK_R, GROUPS, GROUP_LEN))), axis=2)
         if GRANULARITY == TILE:  # the amax of 16 consecutive rows' blocks
             tiles = tl.max(tl.reshape(group_amax, (BLOCK_R // GROUP, GROUP, GROUPS)), axis=1)
-            group_amax = tl.reshape(tl.broadcast_to(tiles[:, None, :], (BLOCK_R // GROUP, GROUP, GROUPS)), (BLOCK_R, GROUPS))
+            group_amax = tl.reshape(
+                tl.broadcast_to(tiles[:, None, :], (BLOCK_R // GROUP, GROUP, GROUPS)), (BLOCK_R, GROUPS)
+            )
         group_amax = nm.bits_float(group_amax)
     else:  # per channel: one amax per row; per tensor: the one amax, broadcast over the rows
         index = b * R + rows if GRANULARITY == 1 else tl.zeros_like(rows)
@@ -107,9 +115,10 @@ def _group_scales(x, amax_ptr, b, rows, R, EBITS: tl.constexpr, MBITS: tl.conste
 @triton.jit
 def _quantize_tile(
     x, amax_ptr, seed, b, rows, cols, R, LP, EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-    EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr, IS_INT: tl.constexpr,
-    SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
-    POW2: tl.constexpr, ROUNDING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
+    IS_INT: tl.constexpr, SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr,
+    SCALE_MODE: tl.constexpr, POW2: tl.constexpr, ROUNDING: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """The fp32 tile ``x`` quantized along its columns: element values ``[BLOCK_R, BLOCK_L]``, and the
     decode and stored scales ``[BLOCK_R, GROUPS]``. Stochastic rounding numbers the elements
@@ -120,20 +129,26 @@ def _quantize_tile(
         x, amax_ptr, b, rows, R, EBITS, MBITS, EMIN, EMAX, MAX_NORMAL, HAS_INF, HAS_NAN, IS_INT,
         SCALING, GRANULARITY, GROUP, SCALE_MODE, POW2, GROUPS, GROUP_LEN, BLOCK_R,
     )
-    scaled = tl.reshape(tl.reshape(x, (BLOCK_R, GROUPS, GROUP_LEN)) * encode[:, :, None], (BLOCK_R, BLOCK_L))
+    scaled = tl.reshape(
+        tl.reshape(x, (BLOCK_R, GROUPS, GROUP_LEN)) * encode[:, :, None], (BLOCK_R, BLOCK_L)
+    )
     element_index = (b * R + rows)[:, None] * LP + cols[None, :]
-    values = nm.round_to_element(scaled, element_index, seed, ROUNDING, MBITS, EMIN, MAX_NORMAL, HAS_INF, IS_INT)
+    values = nm.round_to_element(
+        scaled, element_index, seed, ROUNDING, MBITS, EMIN, MAX_NORMAL, HAS_INF, IS_INT
+    )
     return values, decode, stored
 
 
-@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"], prune_configs_by={"early_config_prune": prune_elementwise})
+@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"],
+                 prune_configs_by={"early_config_prune": prune_elementwise})
 @triton.jit
 def _quantize_kernel(
     x_ptr, amax_ptr, rotation_ptr, out_ptr, scales_ptr, seed,
     R, L, LP, LOUT, stride_b, stride_r, stride_l, out_stride_b, out_stride_r, out_stride_l,
     WRITE_CODES: tl.constexpr,
-    EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, MAX_NORMAL: tl.constexpr,
-    HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr, IS_INT: tl.constexpr, PACKED: tl.constexpr,
+    EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+    MAX_NORMAL: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr, IS_INT: tl.constexpr,
+    PACKED: tl.constexpr,
     SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr,
     POW2: tl.constexpr, ROUNDING: tl.constexpr, HADAMARD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -144,10 +159,12 @@ def _quantize_kernel(
     pid_l, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    x = _load_tile(x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotation_ptr, HADAMARD, BLOCK_R, BLOCK_L)
+    x = _load_tile(
+        x_ptr, b, rows, cols, R, L, stride_b, stride_r, stride_l, rotation_ptr, HADAMARD, BLOCK_R, BLOCK_L
+    )
     values, decode, stored = _quantize_tile(
-        x, amax_ptr, seed, b, rows, cols, R, LP, EBITS, MBITS, EMIN, EMAX, MAX_NORMAL, HAS_INF, HAS_NAN, IS_INT,
-        SCALING, GRANULARITY, GROUP, SCALE_MODE, POW2, ROUNDING, BLOCK_R, BLOCK_L,
+        x, amax_ptr, seed, b, rows, cols, R, LP, EBITS, MBITS, EMIN, EMAX, MAX_NORMAL, HAS_INF, HAS_NAN,
+        IS_INT, SCALING, GRANULARITY, GROUP, SCALE_MODE, POW2, ROUNDING, BLOCK_R, BLOCK_L,
     )
     GROUP_LEN: tl.constexpr = GROUP if GRANULARITY >= BLOCK else BLOCK_L
     GROUPS: tl.constexpr = BLOCK_L // GROUP_LEN
@@ -161,10 +178,12 @@ def _quantize_kernel(
             tl.store(out_ptr + code_row * (LP // 2) + byte_cols[None, :], (low | (high << 4)).to(tl.uint8),
                      mask=in_rows & (byte_cols[None, :] < LP // 2))
         else:
-            tl.store(out_ptr + code_row * LP + cols[None, :], codes.to(tl.uint8), mask=in_rows & (cols[None, :] < LP))
+            tl.store(out_ptr + code_row * LP + cols[None, :], codes.to(tl.uint8),
+                     mask=in_rows & (cols[None, :] < LP))
         if GRANULARITY >= BLOCK:
             group_cols = pid_l * GROUPS + tl.arange(0, GROUPS)
-            tl.store(scales_ptr + code_row * (LP // GROUP) + group_cols[None, :], stored.to(scales_ptr.dtype.element_ty),
+            tl.store(scales_ptr + code_row * (LP // GROUP) + group_cols[None, :],
+                     stored.to(scales_ptr.dtype.element_ty),
                      mask=in_rows & (group_cols[None, :] < LP // GROUP))
         elif pid_l == 0:  # one fp32 decode scale per row (or tensor), written by the first programs
             if GRANULARITY == 1:
@@ -172,18 +191,26 @@ def _quantize_kernel(
             elif (pid_r == 0) & (b == 0):
                 tl.store(scales_ptr + tl.zeros_like(rows)[:, None], stored, mask=rows[:, None] == 0)
     else:
-        out = tl.reshape(tl.reshape(values, (BLOCK_R, GROUPS, GROUP_LEN)) * decode[:, :, None], (BLOCK_R, BLOCK_L))
-        offsets = b.to(tl.int64) * out_stride_b + rows[:, None].to(tl.int64) * out_stride_r + cols[None, :].to(tl.int64) * out_stride_l
-        tl.store(out_ptr + offsets, nm.cast_rn(out, out_ptr.dtype.element_ty), mask=in_rows & (cols[None, :] < LOUT))
+        out = tl.reshape(
+            tl.reshape(values, (BLOCK_R, GROUPS, GROUP_LEN)) * decode[:, :, None], (BLOCK_R, BLOCK_L)
+        )
+        offsets = (
+            b.to(tl.int64) * out_stride_b + rows[:, None].to(tl.int64) * out_stride_r
+            + cols[None, :].to(tl.int64) * out_stride_l
+        )
+        tl.store(out_ptr + offsets, nm.cast_rn(out, out_ptr.dtype.element_ty),
+                 mask=in_rows & (cols[None, :] < LOUT))
 
 
-@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"], prune_configs_by={"early_config_prune": prune_elementwise})
+@triton.autotune(configs=elementwise_configs(), key=["R", "L", "GROUP", "GRANULARITY", "HADAMARD"],
+                 prune_configs_by={"early_config_prune": prune_elementwise})
 @triton.jit
 def _dequantize_kernel(
     codes_ptr, scales_ptr, tensor_scale_ptr, out_ptr, R, L, LP, out_stride_b, out_stride_r, out_stride_l,
-    EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, HAS_INF: tl.constexpr, HAS_NAN: tl.constexpr,
-    IS_INT: tl.constexpr, PACKED: tl.constexpr, SCALING: tl.constexpr, GRANULARITY: tl.constexpr, GROUP: tl.constexpr,
-    HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    EBITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_NAN: tl.constexpr, IS_INT: tl.constexpr, PACKED: tl.constexpr, SCALING: tl.constexpr,
+    GRANULARITY: tl.constexpr, GROUP: tl.constexpr, HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """:func:`qpass.formats.dequantize`: codes ``[B*R, LP (/2)]`` and scales to ``[B, R, L]`` values."""
     pid_l, pid_r, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -193,17 +220,20 @@ def _dequantize_kernel(
     in_rows = rows[:, None] < R
     if PACKED:
         byte_cols = pid_l * (BLOCK_L // 2) + tl.arange(0, BLOCK_L // 2)
-        packed = tl.load(codes_ptr + code_row * (LP // 2) + byte_cols[None, :], mask=in_rows & (byte_cols[None, :] < LP // 2), other=0)
+        packed = tl.load(codes_ptr + code_row * (LP // 2) + byte_cols[None, :],
+                         mask=in_rows & (byte_cols[None, :] < LP // 2), other=0)
         packed = packed.to(tl.int32)
         codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, BLOCK_L))
     else:
-        codes = tl.load(codes_ptr + code_row * LP + cols[None, :], mask=in_rows & (cols[None, :] < LP), other=0).to(tl.int32)
+        codes = tl.load(codes_ptr + code_row * LP + cols[None, :],
+                        mask=in_rows & (cols[None, :] < LP), other=0).to(tl.int32)
     values = nm.decode_element(codes, EBITS, MBITS, EMIN, HAS_INF, HAS_NAN, IS_INT)
     GROUP_LEN: tl.constexpr = GROUP if GRANULARITY >= BLOCK else BLOCK_L
     GROUPS: tl.constexpr = BLOCK_L // GROUP_LEN
     if GRANULARITY >= BLOCK:
         group_cols = pid_l * GROUPS + tl.arange(0, GROUPS)
-        stored = tl.load(scales_ptr + code_row * (LP // GROUP) + group_cols[None, :], mask=in_rows & (group_cols[None, :] < LP // GROUP), other=0)
+        stored = tl.load(scales_ptr + code_row * (LP // GROUP) + group_cols[None, :],
+                         mask=in_rows & (group_cols[None, :] < LP // GROUP), other=0)
     elif GRANULARITY == 1:
         stored = tl.load(scales_ptr + b * R + rows[:, None], mask=in_rows, other=1.0)
     else:
@@ -215,8 +245,13 @@ def _dequantize_kernel(
     else:
         g = tl.load(tensor_scale_ptr + tl.zeros_like(rows)[:, None])
         decode = nm.decode_element(stored.to(tl.int32), 4, 3, -6, False, True, False) * g
-    out = tl.reshape(tl.reshape(values, (BLOCK_R, GROUPS, GROUP_LEN)) * decode[:, :, None], (BLOCK_R, BLOCK_L))
-    offsets = b.to(tl.int64) * out_stride_b + rows[:, None].to(tl.int64) * out_stride_r + cols[None, :].to(tl.int64) * out_stride_l
+    out = tl.reshape(
+        tl.reshape(values, (BLOCK_R, GROUPS, GROUP_LEN)) * decode[:, :, None], (BLOCK_R, BLOCK_L)
+    )
+    offsets = (
+        b.to(tl.int64) * out_stride_b + rows[:, None].to(tl.int64) * out_stride_r
+        + cols[None, :].to(tl.int64) * out_stride_l
+    )
     tl.store(out_ptr + offsets, nm.cast_rn(out, out_ptr.dtype.element_ty), mask=in_rows & (cols[None, :] < L))
 
 
@@ -234,7 +269,9 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(x3: torch.Tensor, length: int):
-    return lambda meta: (triton.cdiv(length, meta["BLOCK_L"]), triton.cdiv(x3.shape[1], meta["BLOCK_R"]), x3.shape[0])
+    return lambda meta: (
+        triton.cdiv(length, meta["BLOCK_L"]), triton.cdiv(x3.shape[1], meta["BLOCK_R"]), x3.shape[0]
+    )
 
 
 def _rotation_matrix(rotation: Rotation | None, signs: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -262,7 +299,9 @@ def _run_quantize(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Ro
     rotated = rotation.padded(length) if rotation is not None else length
     padded = quantizer.spec.padded_length(rotated)
     matrix = _rotation_matrix(rotation, signs, x.device)
-    amax = torch.zeros(x3.shape[0] * x3.shape[1] if spec.granularity == "channel" else 1, dtype=torch.int32, device=x.device)
+    amax = torch.zeros(
+        x3.shape[0] * x3.shape[1] if spec.granularity == "channel" else 1, dtype=torch.int32, device=x.device
+    )
     if spec.needs_amax:
         _amax_kernel[_grid(x3, length)](
             x3, amax, matrix, x3.shape[1], length, *x3.stride(), PER_ROW=spec.granularity == "channel",
@@ -278,8 +317,8 @@ def _run_quantize(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Ro
         target, out_strides = out, out.stride()
         codes = scales = None
     _quantize_kernel[_grid(x3, padded)](
-        x3, amax, matrix, target, scales, seed, x3.shape[1], length, padded, rotated, *x3.stride(), *out_strides,
-        WRITE_CODES=out is None, **spec.constexprs(),
+        x3, amax, matrix, target, scales, seed, x3.shape[1], length, padded, rotated, *x3.stride(),
+        *out_strides, WRITE_CODES=out is None, **spec.constexprs(),
     )
     return codes, scales, amax, spec
 
@@ -296,7 +335,10 @@ def _check(x: torch.Tensor, quantizer: Quantizer, axis: int, rotation: Rotation 
 
 def _empty_scales(spec: KernelSpec, rows: int, padded: int, device) -> torch.Tensor:
     if spec.granularity in ("block", "tile"):
-        return torch.empty(rows, padded // spec.GROUP, dtype=torch.float32 if spec.scaling == "absmax" else torch.uint8, device=device)
+        return torch.empty(
+            rows, padded // spec.GROUP, dtype=torch.float32 if spec.scaling == "absmax" else torch.uint8,
+            device=device,
+        )
     return torch.empty(rows if spec.granularity == "channel" else 1, dtype=torch.float32, device=device)
 
 
@@ -377,7 +419,9 @@ def dequantize(qt: QTensor) -> torch.Tensor:
     out, out3 = _output(shape, qt.dtype, qt.codes.device, qt.axis)
     length = out3.shape[-1]
     padded = qt.format.padded_length(length)
-    tensor_scale = qt.tensor_scale if qt.tensor_scale is not None else qt.codes.new_ones((), dtype=torch.float32)
+    tensor_scale = (
+        qt.tensor_scale if qt.tensor_scale is not None else qt.codes.new_ones((), dtype=torch.float32)
+    )
     _dequantize_kernel[_grid(out3, padded)](
         qt.codes, qt.scales, tensor_scale.float(), out3, out3.shape[1], length, padded, *out3.stride(),
         **{name: getattr(spec, name) for name in DEQUANTIZE_CONSTEXPRS},
@@ -385,4 +429,7 @@ def dequantize(qt: QTensor) -> torch.Tensor:
     return _finish(out, out3, qt.axis).reshape(qt.shape)
 
 
-DEQUANTIZE_CONSTEXPRS = ("EBITS", "MBITS", "EMIN", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING", "GRANULARITY", "GROUP", "HADAMARD")
+DEQUANTIZE_CONSTEXPRS = (
+    "EBITS", "MBITS", "EMIN", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING", "GRANULARITY", "GROUP",
+    "HADAMARD",
+)

@@ -66,7 +66,9 @@ def _odd_blocks(spec: FormatSpec) -> bool:
     return spec.blocked and bool(spec.block_size & (spec.block_size - 1))
 
 
-def unsupported(quantizer: Quantizer, rotation: Rotation | None = None, dtype: torch.dtype = torch.float32) -> str | None:
+def unsupported(
+    quantizer: Quantizer, rotation: Rotation | None = None, dtype: torch.dtype = torch.float32
+) -> str | None:
     """Why the kernels cannot run ``quantizer`` (with ``rotation``) on ``dtype``, or None when they can."""
     spec = quantizer.spec
     if dtype not in KERNEL_DTYPES:
@@ -83,7 +85,10 @@ def kernel_spec(spec: FormatSpec, rounding: str = "rne", hadamard: int = 0) -> K
     """The constexprs of format ``spec`` rounded by ``rounding``, with a fused ``hadamard``-point
     rotation (0: none)."""
     if _odd_blocks(spec):
-        raise ValueError(f"no Triton kernel for {spec.name} in blocks of {spec.block_size}: the kernels take power-of-two blocks")
+        raise ValueError(
+            f"no Triton kernel for {spec.name} in blocks of {spec.block_size}: "
+            "the kernels take power-of-two blocks"
+        )
     element = spec.element
     return KernelSpec(
         EBITS=element.ebits,

@@ -18,7 +18,9 @@ def group_amax(groups: torch.Tensor, granularity: str) -> torch.Tensor:
     return magnitude.amax() if granularity == "tensor" else magnitude.amax(dim=-1, keepdim=True)
 
 
-def absmax_encode(amax: torch.Tensor, max_normal: float, pow2_scale: bool = False, margin: int = 0) -> torch.Tensor:
+def absmax_encode(
+    amax: torch.Tensor, max_normal: float, pow2_scale: bool = False, margin: int = 0
+) -> torch.Tensor:
     """The encode scale for each amax; ``margin`` divides it by ``2^margin`` (delayed scaling)."""
     # One fp32 division, as the SPEC says: torch evaluates `scalar / tensor` as a reciprocal
     # times the scalar, which rounds twice and is off by an ulp for about a quarter of amaxes.

@@ -30,13 +30,17 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError("cannot quantize an empty tensor")
 
 
-def resolve_arguments(x, format, axis, scale_mode, rounding, granularity, pow2, delayed) -> tuple[FormatSpec, int]:
+def resolve_arguments(
+    x, format, axis, scale_mode, rounding, granularity, pow2, delayed
+) -> tuple[FormatSpec, int]:
     """Check every argument before any work: the spec and the non-negative axis."""
     _check_input(x)
     spec = resolve_format(format, granularity, scale_mode, pow2)
     check_rounding(rounding)
     if delayed is not None and not (spec.scaling == "absmax" and spec.granularity == "tensor"):
-        raise ValueError(f"delayed scaling needs per-tensor absmax scaling, not {spec.name} ({spec.granularity})")
+        raise ValueError(
+            f"delayed scaling needs per-tensor absmax scaling, not {spec.name} ({spec.granularity})"
+        )
     if delayed is not None and pow2 is not None:
         raise ValueError("with delayed scaling, set pow2 on the DelayedScaling state, not on the call")
     normalized = normalize_axis(axis, x.ndim)
@@ -159,13 +163,19 @@ def element_magnitudes(x: torch.Tensor, spec: FormatSpec, axis: int) -> tuple[to
     """``|x|`` in element units (``[..., G, B]`` groups, scaled as the forward scales them), the
     scales, and the axis' length: what the grid around each element is measured in."""
     length = _axis_length(x.shape, axis)
-    groups = to_groups(x.detach().reshape(x.shape or (1,)).float(), axis, spec.padded_length(length), spec.group_size(length))
+    groups = to_groups(
+        x.detach().reshape(x.shape or (1,)).float(), axis, spec.padded_length(length), spec.group_size(length)
+    )
     scales = compute_scales(groups, spec)
     return (groups * scales.encode).abs(), scales, length
 
 
 def quantization_step(
-    x: torch.Tensor, format: str | FormatSpec, axis: int = -1, scale_mode: str | None = None, granularity=None,
+    x: torch.Tensor,
+    format: str | FormatSpec,
+    axis: int = -1,
+    scale_mode: str | None = None,
+    granularity=None,
 ) -> torch.Tensor:
     """The grid step at each element of ``x`` in ``x``'s units: the gap between the representable
     values around it, at the scale its group gets (outlier channel splitting needs it)."""

@@ -37,7 +37,9 @@ class DGE:
             raise ValueError(f"DGE clamp must be > 0, got {self.clamp}")
 
 
-def dge_multiplier(x: torch.Tensor, format: str | FormatSpec, axis: int = -1, dge: DGE = DGE(), granularity=None) -> torch.Tensor:
+def dge_multiplier(
+    x: torch.Tensor, format: str | FormatSpec, axis: int = -1, dge: DGE = DGE(), granularity=None
+) -> torch.Tensor:
     """``f'`` at each element of ``x`` quantized as ``format`` along ``axis`` (fp32, ``x``'s shape).
 
     The scale is the one the forward uses (the group's, from ``x`` itself). A magnitude at or beyond

@@ -41,7 +41,8 @@ def make_generator(seed_or_generator, device: torch.device) -> torch.Generator |
 
 
 def grid_step(magnitude: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
-    """The grid step at non-negative ``magnitude`` (element units): ``2^(max(floor(log2 m), emin) - mbits)``."""
+    """The grid step at non-negative ``magnitude`` (element units):
+    ``2^(max(floor(log2 m), emin) - mbits)``."""
     return pow2(floor_log2(magnitude.clamp(min=fmt.min_normal)) - fmt.mbits)
 
 

@@ -12,6 +12,6 @@ from qpass.onnx.prepare import UnsupportedSite
 from qpass.onnx.translation import DIALECTS
 
 __all__ = [
-    "DIALECTS", "CheckResult", "UnsupportedExport", "UnsupportedSite", "check", "check_quantizers", "export_fp32",
-    "export_onnx", "run", "session",
+    "DIALECTS", "CheckResult", "UnsupportedExport", "UnsupportedSite", "check", "check_quantizers",
+    "export_fp32", "export_onnx", "run", "session",
 ]

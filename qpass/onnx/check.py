@@ -31,7 +31,9 @@ from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 
 
-def session(path: str | os.PathLike | bytes, fold_weights: bool = False, threads: int | None = None) -> ort.InferenceSession:
+def session(
+    path: str | os.PathLike | bytes, fold_weights: bool = False, threads: int | None = None
+) -> ort.InferenceSession:
     """An ONNX Runtime CPU session of a file (or serialized model). ``fold_weights``: let it fold
     the quantized weights to fp32 at load (fp32 memory, fp32 speed); otherwise they stay quantized
     in memory and are expanded at every run, with the CPU memory arena off."""
@@ -42,7 +44,10 @@ def session(path: str | os.PathLike | bytes, fold_weights: bool = False, threads
     # would keep them for good, taking back the memory the quantized weights saved.
     options.enable_cpu_mem_arena = fold_weights
     disabled = [] if fold_weights else ["ConstantFolding"]
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    return ort.InferenceSession(
+        path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"],
+        disabled_optimizers=disabled,
+    )
 
 
 def run(path: str | os.PathLike, inputs, fold_weights: bool = False) -> list[torch.Tensor]:
@@ -117,7 +122,9 @@ def _run_checking_quantizers(path, inputs) -> tuple[int, list[str], list[torch.T
     model = ir.load(str(path))
     outputs = [v.name for v in model.graph.outputs]
     manifest = json.loads(model.metadata_props.get("qpass.quantizers", "[]"))
-    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in model.graph for v in node.outputs}
+    values = {v.name: v for v in model.graph.inputs} | {
+        v.name: v for node in model.graph for v in node.outputs
+    }
     entries = [e for e in manifest if e["input"] in values and e["output"] in values]
     extra = {name for e in entries for name in (e["input"], e["output"])} - set(outputs)
     model.graph.outputs.extend(values[name] for name in sorted(extra))
@@ -127,7 +134,9 @@ def _run_checking_quantizers(path, inputs) -> tuple[int, list[str], list[torch.T
     for entry in entries:
         received, got = results[entry["input"]], results[entry["output"]]
         if not _same_bits(got, _reference(entry, received).to(got.dtype)):
-            mismatches.append(f"{entry['output']} ({entry.get('quantizer') or entry.get('rotation')}, axis {entry['axis']})")
+            mismatches.append(
+                f"{entry['output']} ({entry.get('quantizer') or entry.get('rotation')}, axis {entry['axis']})"
+            )
     return len(entries), mismatches, [results[name] for name in outputs]
 
 
@@ -149,15 +158,21 @@ class CheckResult:
 
     def __str__(self) -> str:
         if self.quantizer_mismatches:
-            quantizers = f"NOT all activation quantizers give qpass's bits ({', '.join(self.quantizer_mismatches)}); "
+            quantizers = (
+                f"NOT all activation quantizers give qpass's bits ({', '.join(self.quantizer_mismatches)}); "
+            )
         elif self.quantizers_checked:
-            quantizers = f"all {self.quantizers_checked} activation quantizers and rotations give qpass's bits; "
+            quantizers = (
+                f"all {self.quantizers_checked} activation quantizers and rotations give qpass's bits; "
+            )
         else:
             quantizers = "no activation quantizers; "
         return (
             f"{self.path.name} ({self.dialect}, run by {self.runtime}): onnx.checker passed; {quantizers}"
-            f"vs qpass in PyTorch: max abs error {self.max_abs_error:.3g}, max relative error {self.max_rel_error:.3g}; "
-            f"{self.size / 1e6:.3f} MB, {self.size / self.fp32_size:.3f}x the fp32 export's {self.fp32_size / 1e6:.3f} MB"
+            f"vs qpass in PyTorch: max abs error {self.max_abs_error:.3g}, "
+            f"max relative error {self.max_rel_error:.3g}; "
+            f"{self.size / 1e6:.3f} MB, {self.size / self.fp32_size:.3f}x the fp32 export's "
+            f"{self.fp32_size / 1e6:.3f} MB"
         )
 
 
@@ -174,13 +189,20 @@ def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | No
     with torch.no_grad():
         expected = [t.float() for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
     if len(got) != len(expected):
-        raise ValueError(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}: is it an export of this model?")
+        raise ValueError(
+            f"the ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}: "
+            "is it an export of this model?"
+        )
     abs_error = rel_error = 0.0
     for out, ref in zip(got, expected):
         error = (out.float() - ref).abs().max().item()
-        abs_error, rel_error = max(abs_error, error), max(rel_error, error / max(ref.abs().max().item(), 1e-30))
+        abs_error, rel_error = (
+            max(abs_error, error), max(rel_error, error / max(ref.abs().max().item(), 1e-30))
+        )
     if fp32_size is None:
         with tempfile.TemporaryDirectory() as tmp:
             fp32_size = export_fp32(model, inputs, Path(tmp) / "fp32.onnx").stat().st_size
     runtime = "onnx.reference" if kind == "qdq" else f"onnxruntime {ort.__version__}"
-    return CheckResult(path, kind, runtime, abs_error, rel_error, path.stat().st_size, fp32_size, checked, mismatches)
+    return CheckResult(
+        path, kind, runtime, abs_error, rel_error, path.stat().st_size, fp32_size, checked, mismatches
+    )

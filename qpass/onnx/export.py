@@ -36,10 +36,10 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from qpass.capture import uncompiled
 from qpass.compile import export as qpass_export
-from qpass.report import report as qpass_report
-from qpass.state import QpassState
 from qpass.onnx.prepare import E8M0_SCALES, check_exportable, fold_constants, store_weights
 from qpass.onnx.translation import DIALECTS, translation_table
+from qpass.report import report as qpass_report
+from qpass.state import QpassState
 
 OPSETS = {"portable": 21, "qdq": 24}
 
@@ -72,8 +72,8 @@ def _resolved_shapes(program: torch.export.ExportedProgram, args: tuple, kwargs:
 
 
 def to_onnx(
-    program: torch.export.ExportedProgram | nn.Module, dialect: str, args: tuple = (), kwargs: dict | None = None,
-    dynamic_shapes=None,
+    program: torch.export.ExportedProgram | nn.Module, dialect: str, args: tuple = (),
+    kwargs: dict | None = None, dynamic_shapes=None,
 ) -> ir.Model:
     """The ONNX model of a program (or module) holding ATen and qpass ops, in ``dialect``."""
     translated: list[dict] = []
@@ -95,7 +95,9 @@ def to_onnx(
     model.metadata_props["qpass.dialect"] = dialect
     # The activation quantizers and rotations by the names their values ended up with (the exporter
     # renames them): qpass.onnx.check reruns each on the values it received.
-    manifest = [entry | {"input": entry["input"].name, "output": entry["output"].name} for entry in translated]
+    manifest = [
+        entry | {"input": entry["input"].name, "output": entry["output"].name} for entry in translated
+    ]
     model.metadata_props["qpass.quantizers"] = json.dumps(manifest)
     return model
 
@@ -140,7 +142,9 @@ def _type_e8m0_scales(model: ir.Model) -> None:
     dialect reads as FLOAT8E8M0 (:data:`~qpass.onnx.prepare.E8M0_SCALES`) get that type, same bytes."""
     for value in model.graph.initializers.values():
         if value.name.endswith(E8M0_SCALES) and value.dtype == ir.DataType.UINT8:
-            value.const_value = ir.Tensor(value.const_value.numpy().view(ml_dtypes.float8_e8m0fnu), name=value.name)
+            value.const_value = ir.Tensor(
+                value.const_value.numpy().view(ml_dtypes.float8_e8m0fnu), name=value.name
+            )
             value.dtype = ir.DataType.FLOAT8E8M0
 
 
@@ -164,10 +168,13 @@ def export_onnx(
         raise ValueError(f"unknown ONNX dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     shapes = auto_dynamic_shapes(args, kwargs) if dynamic_shapes == "auto" else dynamic_shapes
-    if dynamic_shapes == "auto" and any(1 in t.shape for t in [*args, *(kwargs or {}).values()] if isinstance(t, torch.Tensor)):
+    if dynamic_shapes == "auto" and any(
+        1 in t.shape for t in [*args, *(kwargs or {}).values()] if isinstance(t, torch.Tensor)
+    ):
         warnings.warn(
-            "an example input has a dimension of size 1, which torch.export makes static: the ONNX model will "
-            "accept only size 1 there (give an example of size 2 or more to keep it dynamic)", stacklevel=2,
+            "an example input has a dimension of size 1, which torch.export makes static: the ONNX model "
+            "will accept only size 1 there (give an example of size 2 or more to keep it dynamic)",
+            stacklevel=2,
         )
     compiled = _decisions(model)
     was_training = model.training
@@ -190,7 +197,8 @@ def export_onnx(
     if compiled and exported != compiled:
         changed = sorted(set(compiled.items()) ^ set(exported.items()))
         warnings.warn(
-            f"torch.export's graph was quantized differently from the graph qpass.compile ran ({changed[:4]}...): "
+            "torch.export's graph was quantized differently from the graph qpass.compile ran "
+            f"({changed[:4]}...): "
             "the ONNX model follows the export (qpass.report shows it now); please report this", stacklevel=2,
         )
     return _save(onnx_model, path, model._qpass.recipe.name)
@@ -205,7 +213,9 @@ def _decisions(model: nn.Module) -> dict[str, str]:
     report = qpass_report(model)
     if not report.rows:
         return {}
-    return {row["site"]: str(row["formats"]) for row in report.rows} | {f"note {i}": note for i, note in enumerate(report.notes)}
+    return {row["site"]: str(row["formats"]) for row in report.rows} | {
+        f"note {i}": note for i, note in enumerate(report.notes)
+    }
 
 
 def _save(onnx_model: ir.Model, path: str | os.PathLike, recipe: str) -> Path:
@@ -216,14 +226,18 @@ def _save(onnx_model: ir.Model, path: str | os.PathLike, recipe: str) -> Path:
     return path
 
 
-def export_fp32(model: nn.Module, example_inputs: tuple, path: str | os.PathLike, *, kwargs: dict | None = None) -> Path:
+def export_fp32(
+    model: nn.Module, example_inputs: tuple, path: str | os.PathLike, *, kwargs: dict | None = None
+) -> Path:
     """``model`` without qpass, exported the same way (the baseline that sizes and speeds compare to)."""
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was_training = model.training
     model.eval()
     try:
         with uncompiled(model), torch.no_grad(), _quiet():
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=auto_dynamic_shapes(args, kwargs))
+            program = torch.export.export(
+                model, args, kwargs, dynamic_shapes=auto_dynamic_shapes(args, kwargs)
+            )
             onnx_model = to_onnx(program, "portable")
     finally:
         model.train(was_training)

@@ -27,8 +27,8 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-import torch
 import onnx_ir as ir
+import torch
 from onnxscript import opset21 as op
 from onnxscript import opset23
 
@@ -41,7 +41,8 @@ from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 
 FLOAT = ir.DataType.FLOAT
-INT32 = ir.DataType.INT32  # Gather indices: half the bytes of int64, which weight expansion writes per element
+# Gather indices: half the bytes of int64, which weight expansion writes per element
+INT32 = ir.DataType.INT32
 F32_MIN_EXP, F32_MAX_EXP = -149, 128  # the table's range: fp32's smallest subnormal up to 2^128 = inf
 F32_TINY = float(np.finfo(np.float32).tiny)
 F32_MAX = float(np.finfo(np.float32).max)
@@ -98,7 +99,11 @@ def floor_log2(x):
     """``floor(log2 x)`` as integer-valued fp32 for finite x > 0 (fp32 subnormals included); 0
     elsewhere. ``Log`` is within one of it; comparing with the exact powers either side fixes that."""
     x = op.Where(op.And(is_finite(x), op.Greater(x, constant(0.0))), x, constant(1.0))
-    guess = op.Clip(op.Floor(op.Mul(op.Log(x), constant(1 / math.log(2)))), constant(F32_MIN_EXP), constant(F32_MAX_EXP - 1))
+    guess = op.Clip(
+        op.Floor(op.Mul(op.Log(x), constant(1 / math.log(2)))),
+        constant(F32_MIN_EXP),
+        constant(F32_MAX_EXP - 1),
+    )
     guess = op.Sub(guess, op.Cast(op.Less(x, pow2(guess)), to=FLOAT))
     return op.Add(guess, op.Cast(op.GreaterOrEqual(x, pow2(op.Add(guess, constant(1.0)))), to=FLOAT))
 
@@ -122,9 +127,13 @@ def round_to_element(x, fmt: ElementFormat, rounding: str = "rne"):
         integral = op.Round(scaled)  # half to even
     elif rounding == "away":
         whole = op.Floor(op.Abs(scaled))
-        integral = op.Add(whole, op.Cast(op.GreaterOrEqual(op.Sub(op.Abs(scaled), whole), constant(0.5)), to=FLOAT))
-        negative = op.Cast(op.Less(op.Div(constant(1.0), x), constant(0.0)), to=FLOAT)  # -0 too: 1 / -0 = -inf
-        integral = op.Mul(integral, op.Sub(constant(1.0), op.Mul(negative, constant(2.0))))  # the sign, -0 too
+        integral = op.Add(
+            whole, op.Cast(op.GreaterOrEqual(op.Sub(op.Abs(scaled), whole), constant(0.5)), to=FLOAT)
+        )
+        # -0 too: 1 / -0 = -inf
+        negative = op.Cast(op.Less(op.Div(constant(1.0), x), constant(0.0)), to=FLOAT)
+        # the sign, -0 too
+        integral = op.Mul(integral, op.Sub(constant(1.0), op.Mul(negative, constant(2.0))))
     else:
         raise UnsupportedExport(f"{rounding} rounding has no ONNX form: it draws random numbers at run time")
     values = op.Mul(integral, pow2(op.Sub(exponent, constant(float(fmt.mbits)))))
@@ -156,7 +165,9 @@ def axis_length(x, axis: int) -> tuple[int, int, int]:
     axis %= rank
     length = x.shape[axis]
     if not isinstance(length, int):
-        raise UnsupportedExport(f"the quantization axis must have a static length, got {length} (shape {x.shape})")
+        raise UnsupportedExport(
+            f"the quantization axis must have a static length, got {length} (shape {x.shape})"
+        )
     return rank, axis, length
 
 
@@ -244,7 +255,9 @@ def _shared_exponent(amax, fmt: ElementFormat, scale_mode: str):
 def mx_scales(amax, fmt: ElementFormat, scale_mode: str) -> Scales:
     positive = op.Greater(amax, constant(0.0))  # False for zero and NaN blocks
     safe = op.Where(op.And(positive, is_finite(amax)), amax, constant(1.0))
-    exponent = op.Clip(_shared_exponent(safe, fmt, scale_mode), constant(float(E8M0_MIN_EXP)), constant(float(E8M0_MAX_EXP)))
+    exponent = op.Clip(
+        _shared_exponent(safe, fmt, scale_mode), constant(float(E8M0_MIN_EXP)), constant(float(E8M0_MAX_EXP))
+    )
     exponent = op.Where(positive, exponent, constant(float(-E8M0_BIAS)))  # code 0 for a zero block
     return Scales(_non_finite_to_nan(amax, pow2(op.Neg(exponent))), _non_finite_to_nan(amax, pow2(exponent)))
 
@@ -315,7 +328,9 @@ def quantize_dequantize(x, quantizer: Quantizer, axis: int):
     else:
         codes = op.QuantizeLinear(scaled, constant(1.0), output_dtype=QDQ_TYPES[element.name], saturate=1)
     if scales.block is not None:  # NVFP4: the block scales are E4M3 values, dequantized by g
-        block_codes = op.QuantizeLinear(scales.block, constant(1.0), output_dtype=QDQ_TYPES[FP8_E4M3.name], saturate=1)
+        block_codes = op.QuantizeLinear(
+            scales.block, constant(1.0), output_dtype=QDQ_TYPES[FP8_E4M3.name], saturate=1
+        )
         decode = op.DequantizeLinear(block_codes, scales.tensor)
     if spec.granularity == "tensor":
         out = op.DequantizeLinear(codes, decode)
@@ -383,7 +398,9 @@ def _stored_scale(spec: FormatSpec, scales, tensor_scale, dialect: str):
     return op.DequantizeLinear(scales, tensor_scale)  # NVFP4: two chained DequantizeLinear, s_b · g
 
 
-def dequantize_stored(codes, scales, tensor_scale, quantizer: Quantizer, shape: list[int], axis: int, dtype, dialect: str):
+def dequantize_stored(
+    codes, scales, tensor_scale, quantizer: Quantizer, shape: list[int], axis: int, dtype, dialect: str
+):
     """A weight stored as codes and scales (a :class:`~qpass.formats.QTensor`'s layout: the axis
     last and zero-padded), back to ``shape``: by table lookups (``portable``; one Gather unpacks
     and decodes two fp4 codes), or by DequantizeLinear of the typed codes (``qdq``)."""
@@ -405,7 +422,10 @@ def dequantize_stored(codes, scales, tensor_scale, quantizer: Quantizer, shape: 
             out = op.DequantizeLinear(codes, decode) if spec.granularity == "tensor" else \
                 op.DequantizeLinear(codes, decode, axis=-1, block_size=size)
     else:
-        values = _fp6_values(codes, moved, element) if element.bits == 6 else _lookup(_element_table(element), codes)
+        values = (
+            _fp6_values(codes, moved, element) if element.bits == 6
+            else _lookup(_element_table(element), codes)
+        )
         groups = op.Reshape(values, ints(moved[:-1] + [layout.padded // size, size]))
         decode = _stored_scale(spec, scales, tensor_scale, "portable")
         decode = decode if spec.granularity == "tensor" else op.Unsqueeze(decode, ints([-1]))
@@ -426,7 +446,11 @@ def _walsh_hadamard(y, lead: int, length: int, m: int):
     while h < length:
         pairs = op.Reshape(y, ints(lead + [length // (2 * h), 2, h, m]))
         top, bottom = (op.Gather(pairs, constant(i, np.int64), axis=-3) for i in (0, 1))
-        out = op.Concat(op.Unsqueeze(op.Add(top, bottom), ints([-3])), op.Unsqueeze(op.Sub(top, bottom), ints([-3])), axis=-3)
+        out = op.Concat(
+            op.Unsqueeze(op.Add(top, bottom), ints([-3])),
+            op.Unsqueeze(op.Sub(top, bottom), ints([-3])),
+            axis=-3,
+        )
         y, h = op.Reshape(out, ints(lead + [length, m])), 2 * h
     return y
 

@@ -71,7 +71,9 @@ def _constants(gm: fx.GraphModule) -> set[fx.Node]:
 def stored_weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The ``quantize_dequantize`` nodes of weights: their input is computed from constants only."""
     constant = _constants(gm)
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is QDQ and n.args[0] in constant]
+    return [
+        n for n in gm.graph.nodes if n.op == "call_function" and n.target is QDQ and n.args[0] in constant
+    ]
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object]):
@@ -110,7 +112,9 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return order
 
 
-def _stored_tensors(value: torch.Tensor, quantizer: Quantizer, axis: int, dialect: str) -> tuple[torch.Tensor, ...]:
+def _stored_tensors(
+    value: torch.Tensor, quantizer: Quantizer, axis: int, dialect: str
+) -> tuple[torch.Tensor, ...]:
     """Codes, scales and tensor scale of ``value`` quantized (typed for the qdq dialect)."""
     if quantizer.rounding == "stochastic":
         raise ValueError("stochastic rounding")  # check_exportable's message names the site
@@ -216,7 +220,9 @@ def _unsupported(node: fx.Node) -> str | None:
     if node.target is QDQ:
         quantizer = Quantizer.from_json(node.args[1])
         if len(node.args) > 3 and node.args[3]:
-            return f"{quantizer} with delayed scaling: its scale comes from an amax history updated at run time"
+            return (
+                f"{quantizer} with delayed scaling: its scale comes from an amax history updated at run time"
+            )
         if quantizer.rounding == "stochastic":
             return f"{quantizer}: stochastic rounding draws random numbers at run time"
         if quantizer.spec.scaling == "nvfp4" and quantizer.spec.granularity == "tile":
@@ -229,11 +235,16 @@ def _unsupported(node: fx.Node) -> str | None:
         return None
     if "quantized_matmul" in str(node.target):
         return "a training recipe's quantized GEMM (its backward quantizes); export an inference recipe"
-    return f"{node.target} has no ONNX translation (a graph lowered to kernels: compile with kernels='reference')"
+    return (
+        f"{node.target} has no ONNX translation "
+        "(a graph lowered to kernels: compile with kernels='reference')"
+    )
 
 
 def check_exportable(gm: fx.GraphModule) -> None:
     """Raise :class:`UnsupportedSite` listing every site an ONNX graph cannot express exactly."""
     problems = [f"site {site_name(n)}: {why}" for n in gm.graph.nodes if (why := _unsupported(n)) is not None]
     if problems:
-        raise UnsupportedSite("cannot export to ONNX without changing what the model computes:\n  " + "\n  ".join(problems))
+        raise UnsupportedSite(
+            "cannot export to ONNX without changing what the model computes:\n  " + "\n  ".join(problems)
+        )

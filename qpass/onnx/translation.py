@@ -34,19 +34,24 @@ def translation_table(dialect: str, translated: list[dict] | None = None) -> dic
 
     def quantize_dequantize(x, quantizer: str, axis: int, state: str = ""):
         if state:
-            raise UnsupportedExport("delayed scaling: its scale comes from an amax history updated at run time")
+            raise UnsupportedExport(
+                "delayed scaling: its scale comes from an amax history updated at run time"
+            )
         out = quantize(x, Quantizer.from_json(quantizer), axis)
         translated.append({"op": "qdq", "input": x, "output": out, "quantizer": quantizer, "axis": axis})
         return out
 
     def rotate(x, rotation: str, axis: int, inverse: bool = False):
         out = numerics.rotate(x, Rotation.from_json(rotation), axis, inverse)
-        translated.append({"op": "rotate", "input": x, "output": out, "rotation": rotation, "axis": axis, "inverse": inverse})
+        translated.append({
+            "op": "rotate", "input": x, "output": out, "rotation": rotation, "axis": axis, "inverse": inverse,
+        })
         return out
 
     def dequantize_packed(codes, scales, tensor_scale, quantizer: str, shape, axis: int, dtype):
         return numerics.dequantize_stored(
-            codes, scales, tensor_scale, Quantizer.from_json(quantizer), list(shape), axis, _onnx_dtype(dtype), dialect
+            codes, scales, tensor_scale, Quantizer.from_json(quantizer), list(shape), axis,
+            _onnx_dtype(dtype), dialect,
         )
 
     return {

@@ -132,7 +132,9 @@ def test_weight_formats(weight, dtype):
     assert_close(y, *reference(x, qt))
 
 
-@pytest.mark.parametrize("weight", [("mxfp4", {}), ("nvfp4", {}), ("fp8_e4m3", {"granularity": "channel"})], ids=_id)
+@pytest.mark.parametrize(
+    "weight", [("mxfp4", {}), ("nvfp4", {}), ("fp8_e4m3", {"granularity": "channel"})], ids=_id
+)
 def test_fp16_inputs(weight):
     fmt, kwargs = weight
     x = (sample(10, 70, seed=3) / 64).half()  # sums well inside fp16's range
@@ -222,7 +224,9 @@ def test_shapes(shape, n, case):
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16], ids=["default", "fp32", "bf16"])
-@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=["no-bias", "fp32-bias", "bf16-bias"])
+@pytest.mark.parametrize(
+    "bias_dtype", [None, torch.float32, torch.bfloat16], ids=["no-bias", "fp32-bias", "bf16-bias"]
+)
 def test_bias_and_output_dtype(bias_dtype, out_dtype):
     x = sample(7, 80, seed=14, dtype=torch.bfloat16)
     qt = qpass.quantize(sample(40, 80, seed=15), "mxfp8_e4m3", axis=-1)
@@ -252,8 +256,10 @@ def test_zeros_are_exact():
     w = sample(20, 64, seed=20)
     w[7] = 0
     for fmt, quantizer in (("mxfp4", Quantizer("mxfp4")), ("fp8_e4m3", Quantizer("nvfp4"))):
-        y = weight_matmul(x, qpass.quantize(w, fmt, axis=-1, **({"granularity": "channel"} if fmt == "fp8_e4m3" else {})),
-                          input_quantizer=quantizer)
+        y = weight_matmul(
+            x, qpass.quantize(w, fmt, axis=-1, **({"granularity": "channel"} if fmt == "fp8_e4m3" else {})),
+            input_quantizer=quantizer,
+        )
         assert torch.equal(y[2], torch.zeros(20)) and torch.equal(y[:, 7], torch.zeros(5))
 
 
@@ -284,7 +290,10 @@ def test_nan_weight_block_gives_nan_columns(weight, whole_tensor, dtype):
     x = sample(6, 70, seed=22, dtype=dtype)
     x[4] = 0  # a zero row still gives NaN in a NaN column: 0 * NaN
     y = weight_matmul(x, qt, out_dtype=torch.float32)
-    nan_columns = torch.ones(40, dtype=torch.bool) if whole_tensor else torch.isin(torch.arange(40), torch.tensor([3, 37]))
+    nan_columns = (
+        torch.ones(40, dtype=torch.bool) if whole_tensor
+        else torch.isin(torch.arange(40), torch.tensor([3, 37]))
+    )
     assert torch.equal(y.isnan(), nan_columns.expand(6, 40))
     ref, bound = reference(x, qt)
     assert torch.equal(ref.isnan(), y.isnan())
@@ -295,7 +304,8 @@ def test_nan_weight_block_gives_nan_columns(weight, whole_tensor, dtype):
 @pytest.mark.parametrize(
     "quantizer, whole_tensor",
     [(Quantizer("mxfp8_e4m3"), False), (Quantizer("fp8_e4m3", granularity="channel"), False),
-     (Quantizer("fp8_e4m3"), True), (Quantizer("nvfp4"), True), (Quantizer("fp6_e2m3", granularity=("block", 16)), False)],
+     (Quantizer("fp8_e4m3"), True), (Quantizer("nvfp4"), True),
+     (Quantizer("fp6_e2m3", granularity=("block", 16)), False)],
     ids=_id,
 )
 def test_nonfinite_activation_gives_nan_rows(quantizer, whole_tensor):
@@ -346,7 +356,8 @@ def test_dot_scaled_refuses_other_formats():
     x = sample(4, 64, seed=28)
     mx = qpass.quantize(sample(8, 64, seed=29), "mxfp4", axis=-1)
     with pytest.raises(ValueError, match="MXFP4 and MXFP8"):
-        weight_matmul(x, qpass.quantize(sample(8, 64), "mxfp6_e2m3", axis=-1), input_quantizer=Quantizer("mxfp4"), dot_scaled=True)
+        weight_matmul(x, qpass.quantize(sample(8, 64), "mxfp6_e2m3", axis=-1),
+                      input_quantizer=Quantizer("mxfp4"), dot_scaled=True)
     with pytest.raises(ValueError, match="activations quantized on the fly"):
         weight_matmul(x, mx, input_quantizer=Quantizer("nvfp4"), dot_scaled=True)
     with pytest.raises(ValueError, match="activations quantized on the fly"):

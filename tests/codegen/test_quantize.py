@@ -30,6 +30,8 @@ import torch
 
 triton = pytest.importorskip("triton")  # the qpass[triton] extra
 
+from triton.runtime.errors import InterpreterError  # noqa: E402
+
 import qpass  # noqa: E402
 from qpass import codegen  # noqa: E402
 from qpass.codegen.spec import kernel_spec, unsupported  # noqa: E402
@@ -43,7 +45,6 @@ from qpass.formats.rounding import grid_step  # noqa: E402
 from qpass.formats.scaling import compute_scales  # noqa: E402
 from qpass.quantizer import Quantizer  # noqa: E402
 from qpass.rotation import Rotation  # noqa: E402
-from triton.runtime.errors import InterpreterError  # noqa: E402
 
 # The interpreter evaluates both sides of every tl.where in numpy, warning about the branch not taken
 # (0 / 0 for an all-zero group's scale, casts of NaN to int).

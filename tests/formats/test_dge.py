@@ -92,7 +92,8 @@ def test_other_formats_use_their_own_grid():
 
 def test_the_quantize_dequantize_op_applies_it_in_backward():
     quantizer = qpass.Quantizer("fp4_e2m1", granularity="channel", dge=DGE())
-    assert str(quantizer) == "fp4_e2m1(channel, dge)" and qpass.Quantizer.from_json(quantizer.to_json()) == quantizer
+    assert str(quantizer) == "fp4_e2m1(channel, dge)"
+    assert qpass.Quantizer.from_json(quantizer.to_json()) == quantizer
     w = torch.randn(4, 64, requires_grad=True)
     out = torch.ops.qpass.quantize_dequantize(w, quantizer.to_json(), -1, "")
     grad = torch.randn(4, 64)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401 -- the oracles need it: fail here, at import, if it is missing
 import numpy as np
 import pytest
 import torch
+from oracles import ALL_FORMATS, FLOAT_FORMATS, ML_DTYPE
 
 from qpass.formats.element import ELEMENT_FORMATS, code_table, decode, encode
 from qpass.formats.rounding import round_to_element
-
-from oracles import ALL_FORMATS, FLOAT_FORMATS, ML_DTYPE
 
 # SPEC section 1, typed in by hand (None where the SPEC table says "–").
 SPEC_TABLE = {

@@ -12,14 +12,13 @@ import math
 
 import ml_dtypes
 import numpy as np
+import oracles
 import pytest
 import torch
 
 import qpass
 from qpass.formats import NAMED_FORMATS, resolve_format
 from qpass.formats.api import quantization_step
-
-import oracles
 
 F32 = np.float32
 FP32_MAX = F32(np.finfo(np.float32).max)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401 -- the oracles need it: fail here, at import, if it is missing
 import numpy as np
 import pytest
 import torch
+from oracles import ALL_FORMATS, FLOAT_FORMATS, ML_DTYPE
 
 from qpass.formats.element import ELEMENT_FORMATS
 from qpass.formats.rounding import round_to_element
-
-from oracles import ALL_FORMATS, FLOAT_FORMATS, ML_DTYPE
 
 TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 N_CODES = {"fp8_e4m3": 256, "fp8_e5m2": 256, "fp6_e2m3": 64, "fp6_e3m2": 64, "fp4_e2m1": 16}

@@ -25,9 +25,12 @@ import torch
 
 import qpass
 from qpass.onnx import UnsupportedSite, check, export_fp32, export_onnx
+
 from .models import MODELS, inputs, make
 
-INFERENCE_RECIPES = ("fp8-infer", "mxfp8-infer", "mxfp6-infer", "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only")
+INFERENCE_RECIPES = (
+    "fp8-infer", "mxfp8-infer", "mxfp6-infer", "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only",
+)
 HF_MODELS = ("llama", "gpt2", "bert")
 FLIP_BOUND = 0.1  # one element one grid step off, in a model of one layer
 QDQ_TYPES = {  # the element and scale types of the weights a qdq export stores, per recipe
@@ -104,7 +107,9 @@ def assert_exported(model: str, recipe: str, dialect: str, directory):
     assert result.max_rel_error <= (1e-5 if exact else FLIP_BOUND), str(result)
 
     types = initializers(path)
-    codes = {name: dtype for name, dtype in types.items() if name.endswith(("_codes", "_scales", "_tensor_scale"))}
+    codes = {
+        name: dtype for name, dtype in types.items() if name.endswith(("_codes", "_scales", "_tensor_scale"))
+    }
     assert codes, "no weight is stored quantized"
     for name, dtype in types.items():  # no weight is also kept in fp32
         assert f"{name.replace('.', '_')}_codes" not in types, f"{name} is stored in fp32 and quantized"
@@ -125,7 +130,9 @@ def test_portable_export_matches_qpass(model, recipe, directory):
 
 # Every recipe on the small models; on Llama, NVFP4's FLOAT4E2M1 with chained E4M3 scales (the
 # exports are what take time; test_numerics covers every format's qdq form op by op).
-QDQ_CASES = [(model, recipe) for model in ("mlp", "attention") for recipe in INFERENCE_RECIPES] + [("llama", "nvfp4-infer")]
+QDQ_CASES = [(model, recipe) for model in ("mlp", "attention") for recipe in INFERENCE_RECIPES] + [
+    ("llama", "nvfp4-infer")
+]
 
 
 @pytest.mark.slow
@@ -135,7 +142,9 @@ def test_qdq_export_matches_qpass(model, recipe, directory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, recipe, dialect", [("llama", "mxfp8-infer", "portable"), ("mlp", "nvfp4-infer", "qdq")])
+@pytest.mark.parametrize(
+    "model, recipe, dialect", [("llama", "mxfp8-infer", "portable"), ("mlp", "nvfp4-infer", "qdq")]
+)
 def test_batch_and_sequence_are_dynamic(model, recipe, dialect, directory):
     qm = compiled(model, recipe)
     path = export_onnx(qm, inputs(model, 2, 8), directory / f"dynamic-{model}-{dialect}.onnx", dialect)
@@ -174,7 +183,9 @@ def test_rotations_and_channel_splits_are_carried_into_the_graph(model, recipe, 
 
 
 def test_an_unsupported_site_fails_the_export_naming_it(tmp_path):
-    qm = qpass.compile(make("mlp"), "fp8-infer", backend="aot_eager", input="fp8_e4m3", weight="fp8_e4m3", scaling="delayed")
+    qm = qpass.compile(
+        make("mlp"), "fp8-infer", backend="aot_eager", input="fp8_e4m3", weight="fp8_e4m3", scaling="delayed"
+    )
     with pytest.raises(UnsupportedSite, match=r"site up \(Linear\): fp8_e4m3 with delayed scaling"):
         export_onnx(qm, inputs("mlp", 2, 8), tmp_path / "delayed.onnx")
     assert not (tmp_path / "delayed.onnx").exists()

@@ -818,7 +818,7 @@ def test_portable_stores_weights_as_bytes():
 def test_a_saved_file_runs_the_same(dialect, tmp_path):
     """Through a file and :func:`qpass.onnx.check.run`, which picks the runtime a dialect is meant
     for (ONNX Runtime with constant folding off, or onnx.reference)."""
-    
+
     path = tmp_path / f"{dialect}.onnx"
     onnx.save(activation_model(dialect), path)
     xs = activation_inputs()["mixed"]
@@ -836,7 +836,7 @@ def test_a_saved_file_runs_the_same(dialect, tmp_path):
     ],
 )
 def test_a_saved_file_with_a_bfloat16_output_runs(dialect, tmp_path):
-    
+
     path = tmp_path / f"{dialect}.onnx"
     onnx.save(weights_model(dialect), path)
     got = run(path, (torch.zeros(1),))

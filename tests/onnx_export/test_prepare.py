@@ -9,7 +9,13 @@ from torch import nn
 
 import qpass
 from qpass.onnx.prepare import (
-    DEQUANTIZE_PACKED, QDQ, ROTATE, UnsupportedSite, check_exportable, fold_constants, store_weights,
+    DEQUANTIZE_PACKED,
+    QDQ,
+    ROTATE,
+    UnsupportedSite,
+    check_exportable,
+    fold_constants,
+    store_weights,
 )
 from qpass.quantizer import Quantizer
 
@@ -30,12 +36,17 @@ def calls(gm, target) -> list:
 def constant_inputs(gm, target) -> list:
     """Calls of ``target`` whose first input comes from a parameter (a get_attr, through any ops)."""
     def from_constant(node):
-        return node.op == "get_attr" or (node.op == "call_function" and node.all_input_nodes and all(map(from_constant, node.all_input_nodes)))
+        return node.op == "get_attr" or (
+            node.op == "call_function" and node.all_input_nodes
+            and all(map(from_constant, node.all_input_nodes))
+        )
     return [n for n in calls(gm, target) if from_constant(n.args[0])]
 
 
 @pytest.mark.parametrize("dialect", ["portable", "qdq"])
-@pytest.mark.parametrize("recipe", ["fp8-infer", "mxfp4-infer", "nvfp4-infer", "mxfp6-infer", "mxfp4-weight-only"])
+@pytest.mark.parametrize(
+    "recipe", ["fp8-infer", "mxfp4-infer", "nvfp4-infer", "mxfp6-infer", "mxfp4-weight-only"]
+)
 def test_each_weight_becomes_one_stored_weight_and_the_graph_computes_the_same(recipe, dialect):
     gm, x = program_module(recipe)
     expected = gm(x)
@@ -58,10 +69,16 @@ def test_each_weight_becomes_one_stored_weight_and_the_graph_computes_the_same(r
     ("mxfp6-infer", torch.uint8, torch.uint8),  # no ONNX FP6 type below opset 28
 ])
 def test_the_qdq_dialect_stores_typed_codes_and_the_portable_one_bytes(recipe, codes, scales):
-    for dialect, expected in (("qdq", (codes, scales)), ("portable", (torch.uint8, scales if scales == torch.float32 else torch.uint8))):
+    for dialect, expected in (
+        ("qdq", (codes, scales)),
+        ("portable", (torch.uint8, scales if scales == torch.float32 else torch.uint8)),
+    ):
         gm, _ = program_module(recipe)
         store_weights(gm, dialect)
-        buffers = {name.removeprefix("0_weight_"): b for name, b in gm.named_buffers() if name.startswith("0_weight_")}
+        buffers = {
+            name.removeprefix("0_weight_"): b
+            for name, b in gm.named_buffers() if name.startswith("0_weight_")
+        }
         scales = buffers.get("e8m0_scales", buffers.get("scales"))  # MX scales that qdq retypes to E8M0
         assert (buffers["codes"].dtype, scales.dtype) == expected
         assert ("e8m0_scales" in buffers) == (dialect == "qdq" and recipe in ("mxfp8-infer", "mxfp4-infer"))
@@ -118,9 +135,11 @@ def test_a_tied_weight_used_twice_is_stored_for_each_use():
 
 @pytest.mark.parametrize("recipe, overrides, why", [
     ("fp8-train", {}, "training recipe"),
-    ("fp8-infer", {"input": Quantizer("fp8_e4m3"), "weight": Quantizer("fp8_e4m3"), "scaling": "delayed"}, "delayed scaling"),
+    ("fp8-infer", {"input": Quantizer("fp8_e4m3"), "weight": Quantizer("fp8_e4m3"), "scaling": "delayed"},
+     "delayed scaling"),
     ("mxfp8-infer", {"rounding": "stochastic"}, "stochastic rounding"),
-    ("nvfp4-infer", {"input": Quantizer("nvfp4", granularity=("tile", 16))}, "16x16 tiles span a dynamic dimension"),
+    ("nvfp4-infer", {"input": Quantizer("nvfp4", granularity=("tile", 16))},
+     "16x16 tiles span a dynamic dimension"),
 ])
 def test_what_onnx_cannot_express_fails_naming_the_site(recipe, overrides, why):
     gm, _ = program_module(recipe, **overrides)
