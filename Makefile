@@ -35,6 +35,7 @@ convergence: $(VENV)/.installed
 	$(VENV)/bin/python examples/fp4_convergence.py
 
 test: $(VENV)/.installed
+	$(VENV)/bin/python -m ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(BENCH_VENV)/.installed

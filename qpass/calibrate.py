@@ -21,7 +21,8 @@ def calibrate(model: nn.Module, batches: Iterable) -> nn.Module:
     a tuple of positional arguments or a dict of keyword arguments); returns ``model``."""
     recipe = capture.state_of(model, "qpass.calibrate").recipe
     if recipe.ocs is None and not any("ocs" in overrides for _, overrides in recipe.rules):
-        raise ValueError("qpass.calibrate collects statistics for outlier channel splitting: compile with ocs=<ratio>")
+        raise ValueError(
+            "qpass.calibrate collects statistics for outlier channel splitting: compile with ocs=<ratio>")
     if recipe.quantizes_backward:
         raise ValueError(f"input-driven channel splitting is for inference recipes; {recipe.name!r} trains")
     maxima: dict[str, Tensor] = {}

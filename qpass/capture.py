@@ -44,12 +44,15 @@ def dynamo_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
     """Placeholders that Dynamo lifted from parameters, and get_attrs of parameters, with their values."""
     lifted = {
         node: example for node in gm.graph.nodes
-        if node.op == "placeholder" and isinstance(example := getattr(node.meta.get("grapharg"), "example", None), nn.Parameter)
+        if node.op == "placeholder"
+        and isinstance(example := getattr(node.meta.get("grapharg"), "example", None), nn.Parameter)
     }
     return lifted | get_attr_parameters(gm)
 
 
-def quantize_captured(gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState, target: Target = Target()) -> None:
+def quantize_captured(
+    gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState, target: Target = Target()
+) -> None:
     """Run the passes on one captured graph as ``state`` says, and record its plans there."""
     recipe = state.recipe
     new_state = state.delayed_scaling if recipe.scaling == "delayed" else None
@@ -95,7 +98,8 @@ def _own_code(fn):
 
 
 # A region of cache entries per compiled model (torch >= 2.13); older torch shares the limit.
-_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+_ISOLATED = ({"isolate_recompiles": True}
+             if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {})
 
 
 class CompiledCall:
@@ -111,7 +115,8 @@ class CompiledCall:
         state = model.__dict__["_qpass"]
         if self._compiled is None:
             backend = _Backend(state)
-            self._compiled = torch.compile(_own_code(_call_module), backend=backend, **_ISOLATED, **state.options)
+            self._compiled = torch.compile(
+                _own_code(_call_module), backend=backend, **_ISOLATED, **state.options)
         with _watching(model, state):
             out = self._compiled(model, *args, **kwargs)
         if not state.checked:
@@ -124,7 +129,8 @@ def install(model: nn.Module, state: QpassState, hooks: list | None = None) -> n
     ``hooks``: a copied model's own (its hook tables are copied with it)."""
     state.attach(model, hooks)
     if hooks is None:
-        state._hooks += [module.register_forward_pre_hook(_EagerWatch(name)) for name, module in _weight_holders(model)]
+        state._hooks += [
+            module.register_forward_pre_hook(_EagerWatch(name)) for name, module in _weight_holders(model)]
     model.__dict__["_compiled_call_impl"] = CompiledCall(model)
     return model
 
@@ -220,7 +226,8 @@ def _cause(before: tuple[int, set[str]], after: tuple[int, set[str]]) -> str:
     """Why modules ran eagerly in this call, from what Dynamo counted during it."""
     new = after[1] - before[1]
     if any("recompile limit" in reason for reason in new):
-        return "Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit) and ran the frame eagerly"
+        return ("Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit) "
+                "and ran the frame eagerly")
     if any("disable" in reason for reason in new):
         return "the code is excluded from compilation (torch.compiler.disable / torch._dynamo.disable)"
     if after[0] > before[0]:
@@ -239,7 +246,8 @@ def _watching(model: nn.Module, state: QpassState):
     finally:
         eager = _EAGER.pop()
     # Modules whose every site stays in high precision anyway (embeddings, lm_head) are no loss.
-    excluded = {p.site.module for p in state.plans.values()} - {p.site.module for p in state.plans.values() if p.excluded is None}
+    excluded = ({p.site.module for p in state.plans.values()}
+                - {p.site.module for p in state.plans.values() if p.excluded is None})
     eager = sorted(set(eager) - excluded)
     if eager and state.observe is None:
         warnings.warn(
@@ -256,7 +264,8 @@ def _reduce_state(state: QpassState):
     with states of its own), takes the delayed-scaling histories with it, applied as the copy's
     sites are found, and compiles the model's copy, which ``copy`` and ``pickle`` reach first (the
     state's arguments name it, so the copy's arguments name the model's copy)."""
-    args = (state.model, state.recipe, state.backend, dict(state.options), state.kernels, state._hooks, state.saved_tensors())
+    args = (state.model, state.recipe, state.backend, dict(state.options), state.kernels, state._hooks,
+            state.saved_tensors())
     return _restore_state, args
 
 

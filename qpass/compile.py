@@ -53,9 +53,11 @@ def compile(
         raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     recipe = get_recipe(recipe).with_overrides(**overrides)
     if isinstance(getattr(model, "_qpass", None), QpassState):
-        warnings.warn("this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
+        warnings.warn(
+            "this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
         capture.remove(model)
-    return capture.install(model, QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph), kernels))
+    return capture.install(
+        model, QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph), kernels))
 
 
 def _drop_metadata_checks(gm: fx.GraphModule) -> None:
@@ -87,7 +89,8 @@ def export(
             raise ValueError("qpass.export needs a model compiled by qpass.compile, or recipe=")
         state = QpassState(get_recipe(recipe).with_overrides(**overrides), "eager", {})
     elif recipe is not None or overrides:
-        raise ValueError("this model was compiled by qpass.compile: its recipe is used; compile again to change it")
+        raise ValueError(
+            "this model was compiled by qpass.compile: its recipe is used; compile again to change it")
     with capture.uncompiled(model):
         program = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes)
     gm = program.module()

@@ -1,4 +1,5 @@
-"""A two-operand einsum read as a batched matmul ``[batch, M, K] · [batch, K, N]``: the one parser of its equation."""
+"""A two-operand einsum read as a batched matmul ``[batch, M, K] · [batch, K, N]``: the one parser
+of its equation."""
 
 from __future__ import annotations
 

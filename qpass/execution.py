@@ -1,4 +1,5 @@
-"""How one quantized product runs: by the generated kernels or the reference, with which delayed-scaling states.
+"""How one quantized product runs: by the generated kernels or the reference, with which
+delayed-scaling states.
 
 These are backend choices, kept out of the numerics (:class:`~qpass.matmul_quantizers.MatmulQuantizers`):
 the lowering pass (:mod:`qpass.passes.lower`) decides them once per product, records them on the
@@ -30,7 +31,8 @@ class Execution(JsonTuple):
         once = quantizers.quantized_once()
         for operand, state in (("a", self.a_state), ("b", self.b_state), ("grad", self.grad_state)):
             if state and not once[operand]:
-                raise ValueError(f"{operand}_state: delayed scaling needs one per-tensor quantizer for the operand in both its GEMMs")
+                raise ValueError(f"{operand}_state: delayed scaling needs one per-tensor quantizer "
+                                 "for the operand in both its GEMMs")
         return self
 
     @property

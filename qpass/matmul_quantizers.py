@@ -48,7 +48,9 @@ class MatmulQuantizers:
 
     # An operand rotated in either of its GEMMs differs between them: each rotates its own axis.
 
-    def _hoists(self, forward: Quantizer | None, backward: Quantizer | None, backward_rotation: Rotation | None) -> bool:
+    def _hoists(
+        self, forward: Quantizer | None, backward: Quantizer | None, backward_rotation: Rotation | None
+    ) -> bool:
         if forward is None or self.rotation is not None:
             return False
         return self.reuse_forward or (self._same_per_tensor(forward, backward) and backward_rotation is None)
@@ -65,7 +67,8 @@ class MatmulQuantizers:
     @property
     def shares_grad(self) -> bool:
         """dY is quantized identically for both backward GEMMs, so once per backward."""
-        return self._same_per_tensor(self.da_grad, self.db_grad) and self.da_rotation is self.db_rotation is None
+        return (self._same_per_tensor(self.da_grad, self.db_grad)
+                and self.da_rotation is self.db_rotation is None)
 
     @property
     def quantizes_backward(self) -> bool:
@@ -79,7 +82,8 @@ class MatmulQuantizers:
 
     def to_json(self) -> str:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return json.dumps({k: v.to_json() if isinstance(v, (Quantizer, Rotation)) else v for k, v in values.items()})
+        return json.dumps(
+            {k: v.to_json() if isinstance(v, (Quantizer, Rotation)) else v for k, v in values.items()})
 
     @staticmethod
     @functools.lru_cache(maxsize=None)

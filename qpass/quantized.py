@@ -1,4 +1,5 @@
-"""Quantized forms of the matmul-like functions: what a rewritten site calls (the op-kind table's replacements).
+"""Quantized forms of the matmul-like functions: what a rewritten site calls (the op-kind table's
+replacements).
 
 Each takes the original op's arguments plus, per product, its config: the JSON of its
 :class:`~qpass.matmul_quantizers.MatmulQuantizers` and of its :class:`~qpass.execution.Execution`.
@@ -43,7 +44,8 @@ def qdq(
     """``x`` rotated (if asked), then quantize-dequantized; with ``kernels``, both in one generated
     kernel (the lowering never chooses kernels with a delayed-scaling state, which the reference owns)."""
     if kernels and quantizer is not None:
-        return torch.ops.qpass.fake_quantize_kernel(x, quantizer.to_json(), axis, rotation.to_json() if rotation else "")
+        return torch.ops.qpass.fake_quantize_kernel(
+            x, quantizer.to_json(), axis, rotation.to_json() if rotation else "")
     x = rotate(x, rotation, axis)
     if quantizer is None:
         return x
@@ -60,7 +62,8 @@ def _without_hoisted(config: ProductConfig) -> tuple[MatmulQuantizers, Execution
         inner, inner_run = replace(inner, a=None, db_a=None), replace(inner_run, a_state="")
     if q.hoists_b:
         inner, inner_run = replace(inner, b=None, da_b=None), replace(inner_run, b_state="")
-    op_config = (inner.to_json(), inner_run.to_json()) if any((inner.a, inner.b, inner.quantizes_backward)) else None
+    op_config = ((inner.to_json(), inner_run.to_json()) if any((inner.a, inner.b, inner.quantizes_backward))
+                 else None)
     return q, run, op_config
 
 
@@ -90,7 +93,8 @@ def addmm(bias: Tensor, a: Tensor, b: Tensor, beta, alpha, config: ProductConfig
 def einsum(equation: str, a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
     """A two-operand einsum as ``[batch, M, K] · [batch, K, N]`` (K: all contracted indices)."""
     layout = einsum_layout(equation)
-    size = {i: a.shape[layout.a.index(i)] for i in layout.a} | {i: b.shape[layout.b.index(i)] for i in layout.b}
+    size = ({i: a.shape[layout.a.index(i)] for i in layout.a}
+            | {i: b.shape[layout.b.index(i)] for i in layout.b})
 
     def arrange(x, term, groups):
         x = x.permute([term.index(i) for group in groups for i in group])
@@ -118,7 +122,8 @@ def scaled_dot_product_attention(
         keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
     probabilities = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         probabilities = F.dropout(probabilities, dropout_p)

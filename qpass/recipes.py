@@ -9,8 +9,8 @@ A linear layer's training step runs three GEMMs, each with two operand roles:
 A :class:`Recipe` names a quantizer per role (``input``, ``weight``, ``grad_output``, the same in
 every GEMM that role appears in) and may change single GEMM roles through ``per_gemm``, a typed
 :class:`GemmOverrides` (one field per GEMM role, as torchao's float8 per-role cast configs; built
-from keys such as ``"wgrad.input"`` too). A recipe that quantizes nothing in backward is an inference recipe: its
-sites get plain quantize-dequantize nodes and a straight-through backward.
+from keys such as ``"wgrad.input"`` too). A recipe that quantizes nothing in backward is an
+inference recipe: its sites get plain quantize-dequantize nodes and a straight-through backward.
 
 Two function-preserving transforms keep low-bit formats accurate: ``hadamard`` rotates GEMM
 operands (:mod:`qpass.rotation`, and the residual stream of Llama-style models) and ``ocs``
@@ -82,11 +82,13 @@ class GemmOverrides:
             return value
         unknown = set(value) - set(GEMM_ROLE_KEYS)
         if unknown:
-            raise ValueError(f"unknown per_gemm keys {sorted(unknown)}; expected some of {', '.join(GEMM_ROLE_KEYS)}")
+            raise ValueError(
+                f"unknown per_gemm keys {sorted(unknown)}; expected some of {', '.join(GEMM_ROLE_KEYS)}")
         return GemmOverrides(**{key.replace(".", "_"): quantizer for key, quantizer in value.items()})
 
     def items(self) -> list[tuple[str, Quantizer | None]]:
-        return [(key, q) for key in GEMM_ROLE_KEYS if (q := getattr(self, key.replace(".", "_"))) is not UNSET]
+        return [(key, q) for key in GEMM_ROLE_KEYS
+                if (q := getattr(self, key.replace(".", "_"))) is not UNSET]
 
     def __iter__(self):
         return iter(key for key, _ in self.items())
@@ -105,7 +107,8 @@ class GemmOverrides:
 
     def map(self, change) -> GemmOverrides:
         """Every set quantizer changed by ``change`` (None stays None)."""
-        return replace(self, **{key.replace(".", "_"): q if q is None else change(q) for key, q in self.items()})
+        return replace(
+            self, **{key.replace(".", "_"): q if q is None else change(q) for key, q in self.items()})
 
 
 @dataclass
@@ -148,21 +151,26 @@ class Recipe:
         self.hadamard = Hadamard.parse(self.hadamard)
         rotates_gemms = any((self.hadamard.fprop, self.hadamard.dgrad, self.hadamard.wgrad))
         if self.scaling == "delayed" and rotates_gemms:
-            raise ValueError("scaling='delayed' quantizes each operand once for both its GEMMs; a GEMM rotation makes them differ")
+            raise ValueError("scaling='delayed' quantizes each operand once for both its GEMMs; "
+                             "a GEMM rotation makes them differ")
         if self.hadamard.fprop is not None and self.hadamard.fprop.resample:
-            raise ValueError("a resampled rotation (fresh signs per call) applies to the backward GEMMs, dgrad and wgrad")
+            raise ValueError(
+                "a resampled rotation (fresh signs per call) applies to the backward GEMMs, dgrad and wgrad")
         self.dge = DGE() if self.dge is True else (self.dge or None)
         self._check_fp4_training(rotates_gemms)
         if self.ocs is not None and not (isinstance(self.ocs, (int, float)) and 0 < self.ocs <= 1):
             raise ValueError(f"ocs= is an expand ratio in (0, 1] (0.01-0.05 is typical), got {self.ocs!r}")
         if self.attention and self.input is None:
-            raise ValueError(f"attention=True quantizes Q, K, P and V with the input quantizer; recipe {self.name!r} has none")
+            raise ValueError(f"attention=True quantizes Q, K, P and V with the input quantizer; "
+                             f"recipe {self.name!r} has none")
         for rule in self.rules:
-            if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str) and isinstance(rule[1], dict)):
+            if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+                    and isinstance(rule[1], dict)):
                 raise TypeError(f"a rule is (glob, {{override: value}}), got {rule!r}")
             check_override_keys(rule[1], RULE_KEYS, "rule")
             if Hadamard.parse(rule[1].get("hadamard")).residual:
-                raise ValueError("the residual-stream rotation is whole-model: set hadamard='residual' on the recipe, not in a rule")
+                raise ValueError("the residual-stream rotation is whole-model: "
+                                 "set hadamard='residual' on the recipe, not in a rule")
             # A rule's values are checked now, not when a site it matches is first traced.
             changes = {key: value for key, value in rule[1].items() if key != "exclude"}
             replace(self, rules=[]).with_overrides(**changes)
@@ -171,19 +179,25 @@ class Recipe:
         if self.dge is not None and not isinstance(self.dge, DGE):
             raise TypeError(f"dge= takes True, False/None or a qpass.DGE, got {self.dge!r}")
         if self.dge is not None and (self.weight is None or self.scaling == "delayed"):
-            raise ValueError("dge= reshapes the weight's gradient with its current-scaled quantizer: it needs weight= and scaling='current'")
+            raise ValueError("dge= reshapes the weight's gradient with its current-scaled quantizer: "
+                             "it needs weight= and scaling='current'")
         if self.dge is not None and self.hadamard.fprop is not None:
-            raise ValueError("dge= works on the weight's own grid; a forward rotation quantizes the rotated weight instead")
+            raise ValueError("dge= works on the weight's own grid; "
+                             "a forward rotation quantizes the rotated weight instead")
         if self.occ is not None and not (isinstance(self.occ, (int, float)) and 0.5 < self.occ <= 1):
-            raise ValueError(f"occ= is the clamping quantile alpha in (0.5, 1] (0.99 in the paper), got {self.occ!r}")
+            raise ValueError(
+                f"occ= is the clamping quantile alpha in (0.5, 1] (0.99 in the paper), got {self.occ!r}")
         if self.occ is not None and self.input is None:
-            raise ValueError(f"occ= clamps the input before its quantizer; recipe {self.name!r} quantizes no input")
+            raise ValueError(
+                f"occ= clamps the input before its quantizer; recipe {self.name!r} quantizes no input")
         if self.reuse_forward:
             requantized = sorted(set(self.per_gemm) & set(REUSED_FORWARD_KEYS))
             if requantized:
-                raise ValueError(f"reuse_forward=True takes the backward's weight and input from the forward, so per_gemm cannot set {requantized}")
+                raise ValueError(f"reuse_forward=True takes the backward's weight and input from the "
+                                 f"forward, so per_gemm cannot set {requantized}")
             if rotates_gemms:
-                raise ValueError("reuse_forward=True reuses unrotated forward operands in backward: it cannot be combined with GEMM rotations")
+                raise ValueError("reuse_forward=True reuses unrotated forward operands in backward: "
+                                 "it cannot be combined with GEMM rotations")
 
     def quantizer(self, gemm: str, role: str) -> Quantizer | None:
         key = f"{gemm}.{role}"
@@ -214,7 +228,8 @@ class Recipe:
         recipe = copy.deepcopy(self)
         rounding = overrides.pop("rounding", None)
         scale_mode = overrides.pop("scale_mode", None)
-        per_gemm = GemmOverrides.parse({key: overrides.pop(key) for key in GEMM_ROLE_KEYS if key in overrides})
+        per_gemm = GemmOverrides.parse(
+            {key: overrides.pop(key) for key in GEMM_ROLE_KEYS if key in overrides})
         if "per_gemm" in overrides:
             per_gemm = GemmOverrides.parse(overrides.pop("per_gemm")).merged(per_gemm)
         recipe = replace(recipe, per_gemm=recipe.per_gemm.merged(per_gemm), **overrides)
@@ -223,7 +238,8 @@ class Recipe:
         if scale_mode is not None:
             if not any(q.spec.scaling == "mx" for q in recipe.quantizers()):
                 raise ValueError(f"scale_mode= applies to MX formats; recipe {recipe.name!r} has none")
-            recipe = _map_quantizers(recipe, lambda q: replace(q, scale_mode=scale_mode) if q.spec.scaling == "mx" else q)
+            recipe = _map_quantizers(
+                recipe, lambda q: replace(q, scale_mode=scale_mode) if q.spec.scaling == "mx" else q)
         return recipe
 
 
@@ -240,7 +256,8 @@ RULE_KEYS = (*ROLES, *GEMM_ROLE_KEYS, "rounding", "scale_mode", "hadamard", "ocs
 def check_override_keys(overrides: dict, valid: tuple[str, ...], what: str) -> None:
     unknown = [key for key in overrides if key not in valid]
     if unknown:
-        raise ValueError(f"unknown {what} key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown {what} key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
 
 
 def _all(quantizer: Quantizer) -> dict[str, Quantizer]:
@@ -253,7 +270,8 @@ _PER_CHANNEL_E4M3 = Quantizer("fp8_e4m3", granularity="channel")
 TE_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 # rceil scales never saturate (the block max lands at or below max normal), which stochastic
 # rounding needs to stay unbiased; a floor scale clips up to a third of the top binade.
-_MXFP4, _MXFP4_SR = Quantizer("mxfp4", scale_mode="rceil"), Quantizer("mxfp4", scale_mode="rceil", rounding="stochastic")
+_MXFP4, _MXFP4_SR = (Quantizer("mxfp4", scale_mode="rceil"),
+                     Quantizer("mxfp4", scale_mode="rceil", rounding="stochastic"))
 
 BUILTIN_RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
@@ -275,23 +293,25 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
             input=Quantizer("fp4_e2m1", granularity="channel"),  # per token
             weight=Quantizer("fp4_e2m1", granularity="channel"),  # per output channel
             grad_output=_E5M2, dge=True, occ=0.99, reuse_forward=True,
-            description="E2M1 per-token input with outlier clamping (0.99) and compensation, per-channel weight with "
-            "the DGE, E5M2 grad_output; backward on the forward's FP4 operands (arXiv 2501.17116)",
+            description="E2M1 per-token input with outlier clamping (0.99) and compensation, "
+            "per-channel weight with the DGE, E5M2 grad_output; backward on the forward's FP4 operands "
+            "(arXiv 2501.17116)",
         ),
         Recipe(
             "nvfp4-train",
             input=Quantizer("nvfp4"), weight=Quantizer("nvfp4", granularity=("tile", 16)),
             grad_output=Quantizer("nvfp4", rounding="stochastic"),
             hadamard={"wgrad": Rotation(16, signs=TE_RHT_SIGNS)},
-            description="NVFP4 1x16 input, 16x16 weight, stochastically rounded grad_output; 16-point random Hadamard "
-            "on the wgrad operands (Transformer Engine)",
+            description="NVFP4 1x16 input, 16x16 weight, stochastically rounded grad_output; "
+            "16-point random Hadamard on the wgrad operands (Transformer Engine)",
         ),
         Recipe(
             "mxfp4-train", **_all(_MXFP4),
             per_gemm={key: _MXFP4_SR for key in GEMM_ROLE_KEYS if not key.startswith("fprop.")},
-            hadamard={"fprop": Rotation(32, seed=0), "dgrad": Rotation(32, resample=True), "wgrad": Rotation(32, resample=True)},
-            description="MXFP4 everywhere with 32-point block Hadamard: fixed signs forward, fresh signs and stochastic "
-            "rounding backward (Quartet)",
+            hadamard={"fprop": Rotation(32, seed=0), "dgrad": Rotation(32, resample=True),
+                      "wgrad": Rotation(32, resample=True)},
+            description="MXFP4 everywhere with 32-point block Hadamard: fixed signs forward, "
+            "fresh signs and stochastic rounding backward (Quartet)",
         ),
         Recipe(
             "fp8-infer", input=_PER_CHANNEL_E4M3, weight=_PER_CHANNEL_E4M3,

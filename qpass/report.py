@@ -73,7 +73,8 @@ def _row(plan: SitePlan) -> dict:
     site = plan.site
     formats: dict[str, str] = {}
     for product, name in zip(plan.products, site.op.product_names):
-        formats.update({(f"{name}." if name else "") + key: value for key, value in product.formats().items()})
+        formats.update(
+            {(f"{name}." if name else "") + key: value for key, value in product.formats().items()})
     return {
         "site": plan.name,
         "kind": site.kind,

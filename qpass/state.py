@@ -109,13 +109,16 @@ class QpassState(_Namespace):
                 node.add_module(name, _Namespace())
             node = node._modules[name]
         state = DelayedScaling(self.recipe.history_len, self.recipe.margin, pow2=quantizer.pow2)
-        pending = {k[len(path) + 1 :]: self._pending.pop(k) for k in list(self._pending) if k.startswith(path + ".")}
+        pending = {k[len(path) + 1 :]: self._pending.pop(k)
+                   for k in list(self._pending) if k.startswith(path + ".")}
         if pending:
             state.load_state_dict(pending)
         node.add_module(leaf, state)
         return DELAYED_STATES.register(state, key)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # States that exist load themselves (their modules are visited after this one); keep the
         # rest until the graph that makes their state is captured.
         existing = set(self.state_dict().keys())
@@ -133,7 +136,9 @@ def _save_states(module, state_dict, prefix, local_metadata) -> None:
         state_dict[prefix + STATE_PREFIX + key] = value
 
 
-def _load_states(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _load_states(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
     ours = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + STATE_PREFIX)}
     own = {k[len(prefix + STATE_PREFIX) :]: v for k, v in ours.items()}
     result = module.__dict__["_qpass"].load_state_dict(own, strict=strict)

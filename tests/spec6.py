@@ -12,7 +12,8 @@ from qpass import fake_quantize
 
 
 def fq(x, spec, axis):
-    """fp32 fake quantization of ``x`` along ``axis`` per ``spec`` (a dict of fake_quantize kwargs, or None)."""
+    """fp32 fake quantization of ``x`` along ``axis`` per ``spec`` (a dict of fake_quantize kwargs,
+    or None)."""
     x = x.detach().float()
     return x if spec is None else fake_quantize(x, axis=axis, **spec)
 

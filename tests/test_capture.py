@@ -27,7 +27,8 @@ def test_a_pickled_model_loads_quantized_with_the_same_report_and_histories():
     loaded = torch.load(buffer, weights_only=False)  # a whole module: not a weights-only load
     assert isinstance(loaded._qpass, type(qm._qpass)) and loaded._qpass is not qm._qpass
     # The histories travel, and the next step is the same on both.
-    assert torch.equal(loaded.state_dict()["_qpass.0.input.amax_history"], qm.state_dict()["_qpass.0.input.amax_history"])
+    assert torch.equal(loaded.state_dict()["_qpass.0.input.amax_history"],
+                       qm.state_dict()["_qpass.0.input.amax_history"])
     assert torch.equal(loaded(x), qm(x))
     assert str(qpass.report(loaded)) == str(qpass.report(qm))
     assert qpass.report(loaded).quantized and loaded._qpass.graphs_captured >= 1
@@ -52,13 +53,14 @@ def test_uncompiled_runs_plain_python_and_puts_the_call_back():
     assert not torch.equal(qm(x), plain)  # quantized again
 
 
-class Disabled(nn.Module):
-    """A block whose second linear Dynamo never compiles."""
-
+class UpDown(nn.Module):
     def __init__(self):
         super().__init__()
-        self.up = nn.Linear(64, 64)
-        self.down = nn.Linear(64, 64)
+        self.up, self.down = nn.Linear(64, 64), nn.Linear(64, 64)
+
+
+class Disabled(UpDown):
+    """A block whose second linear Dynamo never compiles."""
 
     @torch._dynamo.disable
     def _down(self, x):
@@ -105,11 +107,7 @@ def test_a_suppressed_compile_error_warns(monkeypatch):
 
 
 def test_graph_breaks_alone_do_not_warn():
-    class Broken(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up, self.down = nn.Linear(64, 64), nn.Linear(64, 64)
-
+    class Broken(UpDown):
         def forward(self, x):
             x = self.up(x)
             torch._dynamo.graph_break()

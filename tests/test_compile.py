@@ -40,7 +40,8 @@ def reference_block(block, x, specs, attention_specs=None):
     else:
         scores = Spec6Product.apply(q, k.mT, attention_specs) * (q.shape[-1] ** -0.5)
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
-        attended = Spec6Product.apply(torch.softmax(scores.masked_fill(~keep, float("-inf")), -1), v, attention_specs)
+        attended = Spec6Product.apply(
+            torch.softmax(scores.masked_fill(~keep, float("-inf")), -1), v, attention_specs)
     x = x + linear(block.out, attended.transpose(1, 2).flatten(-2))
     return x + linear(block.down, torch.relu(linear(block.up, x)))
 
@@ -101,7 +102,8 @@ def test_inference_recipe_inserts_qdq_on_the_forward():
         return fq(t, per_row, -1) @ fq(layer.weight, per_row, -1).mT + layer.bias
 
     q, k, v = linear(reference.qkv, x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
-    h = x + linear(reference.out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(-2))
+    h = x + linear(
+        reference.out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(-2))
     assert_same(y, h + linear(reference.down, torch.relu(linear(reference.up, h))))
 
 
@@ -161,7 +163,8 @@ def test_qpass_introduces_no_graph_breaks():
 
     x = torch.randn(2, 64)
     plain = graphs_and_breaks(WithBreak(), lambda m: torch.compile(m, backend="aot_eager"), x)
-    quantized = graphs_and_breaks(WithBreak(), lambda m: qpass.compile(m, "mxfp8-train", backend="aot_eager"), x)
+    quantized = graphs_and_breaks(
+        WithBreak(), lambda m: qpass.compile(m, "mxfp8-train", backend="aot_eager"), x)
     # (Dynamo's graph_break counter itself counts that one break twice under qpass: once in qpass's
     # outer frame, once in forward's; the graphs and the reasons are the same.)
     assert plain == quantized and plain[0] == 2 and len(plain[1]) == 1
@@ -207,7 +210,8 @@ def test_delayed_scaling_histories_round_trip_through_state_dict():
     other = qpass.compile(second, "fp8-train", backend="aot_eager", scaling="delayed", history_len=4)
     other.load_state_dict(state)
     assert_same(other(x[3]), qm(x[3]))
-    assert torch.equal(other.state_dict()["_qpass.2.input.amax_history"], qm.state_dict()["_qpass.2.input.amax_history"])
+    assert torch.equal(other.state_dict()["_qpass.2.input.amax_history"],
+                       qm.state_dict()["_qpass.2.input.amax_history"])
 
 
 def test_delayed_scaling_uses_the_history_not_the_current_amax():
@@ -219,9 +223,11 @@ def test_delayed_scaling_uses_the_history_not_the_current_amax():
     y = qm(small)  # scaled by the history's amax of 300: 0.5 * 448/300 on the E4M3 grid
     state = qpass.DelayedScaling()
     state.record(large.abs().max())
-    expected = qpass.fake_quantize(small, "fp8_e4m3", delayed=state) @ qpass.fake_quantize(weight, "fp8_e4m3").mT
+    expected = (qpass.fake_quantize(small, "fp8_e4m3", delayed=state)
+                @ qpass.fake_quantize(weight, "fp8_e4m3").mT)
     assert_same(y, expected)
-    assert not torch.equal(y, qpass.fake_quantize(small, "fp8_e4m3") @ qpass.fake_quantize(weight, "fp8_e4m3").mT)
+    assert not torch.equal(
+        y, qpass.fake_quantize(small, "fp8_e4m3") @ qpass.fake_quantize(weight, "fp8_e4m3").mT)
 
 
 def test_a_model_without_matmuls_runs_unchanged_with_a_warning():
@@ -312,8 +318,10 @@ def test_recompiling_replaces_the_recipe_with_a_warning():
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda: qpass.compile(nn.Linear(4, 4), "fp9-train"), ValueError, "expected one of fp8-train, mxfp8-train"),
-    (lambda: qpass.compile(nn.Linear(4, 4), "fp8-train", atention=True), ValueError, "valid keys: input, weight"),
+    (lambda: qpass.compile(nn.Linear(4, 4), "fp9-train"), ValueError,
+     "expected one of fp8-train, mxfp8-train"),
+    (lambda: qpass.compile(nn.Linear(4, 4), "fp8-train", atention=True), ValueError,
+     "valid keys: input, weight"),
     (lambda: qpass.compile(nn.Linear(4, 4), backend="tensorrt"), ValueError, "inductor, aot_eager, eager"),
     (lambda: qpass.compile(lambda x: x), TypeError, "takes an nn.Module"),
     (lambda: qpass.report(nn.Linear(4, 4)), ValueError, "compiled by qpass.compile"),
@@ -336,6 +344,7 @@ def test_a_deep_copy_is_quantized_too_with_its_own_state():
     assert twin._qpass.graphs_captured == 1 and qpass.report(twin)["0"]["quantized"]
     with torch.no_grad():
         twin[0].weight.zero_()
-    assert torch.equal(twin(x), twin[0].bias.expand(2, 64)) and not torch.equal(qm(x), qm[0].bias.expand(2, 64))
+    assert (torch.equal(twin(x), twin[0].bias.expand(2, 64))
+            and not torch.equal(qm(x), qm[0].bias.expand(2, 64)))
     history = "_qpass.0.input.amax_history"
     assert torch.equal(twin.state_dict()[history], qm.state_dict()[history])  # both recorded x three times

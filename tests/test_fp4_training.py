@@ -70,7 +70,8 @@ class Spec6Linear(torch.autograd.Function):
     def forward(ctx, x, w, gemms):
         ctx.save_for_backward(x, w)
         ctx.gemms = gemms
-        return (q(x, gemms.input, -1, gemms.fprop_signs) @ q(w.mT, gemms.weight, -2, gemms.fprop_signs)).to(x.dtype)
+        return (q(x, gemms.input, -1, gemms.fprop_signs)
+                @ q(w.mT, gemms.weight, -2, gemms.fprop_signs)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -150,7 +151,8 @@ def test_mxfp4_train_backward_signs_change_every_step():
     # Rounding to nearest, so that the resampled signs are the only random draws left.
     assert not torch.equal(*two_identical_steps(rounding="rne"))
     fixed = qpass.Rotation(32, seed=1)
-    assert torch.equal(*two_identical_steps(rounding="rne", hadamard={"fprop": fixed, "dgrad": fixed, "wgrad": fixed}))
+    assert torch.equal(
+        *two_identical_steps(rounding="rne", hadamard={"fprop": fixed, "dgrad": fixed, "wgrad": fixed}))
 
 
 def test_the_nvfp4_wgrad_rotation_is_orthogonal_with_transformer_engines_signs():
@@ -163,7 +165,8 @@ def test_the_nvfp4_wgrad_rotation_is_orthogonal_with_transformer_engines_signs()
     torch.testing.assert_close(matrix, torch.diag(TE_SIGNS.double()) @ sylvester / 4, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("recipe, gemm, role", [("nvfp4-train", "dgrad", "grad_output"), ("mxfp4-train", "wgrad", "input")])
+@pytest.mark.parametrize("recipe, gemm, role",
+                         [("nvfp4-train", "dgrad", "grad_output"), ("mxfp4-train", "wgrad", "input")])
 def test_the_recipes_stochastic_rounding_is_unbiased(recipe, gemm, role):
     quantizer = qpass.get_recipe(recipe).quantizer(gemm, role)
     assert quantizer.rounding == "stochastic"

@@ -31,7 +31,8 @@ def imported(name: str, path: Path) -> set[str]:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, base] if base else parent)
             # ``from package import submodule`` imports the submodule; other names, the module itself.
-            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names}
+            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+                      for alias in node.names}
     return {m for m in found if m in MODULES and m != name}
 
 

@@ -373,7 +373,8 @@ def _attention_formats(kind: str, recipe: str) -> dict[str, str]:
                 operands = {"fprop": (a, b), "dgrad": (b,), "wgrad": (a,)}[gemm]
                 fmt = gemm_formats[gemm]
                 # A reused forward operand is named after its own role.
-                formats.update({f"{prefix}{gemm}.{o}": f"fprop.{o}" if fmt == "fprop.input" else fmt for o in operands})
+                formats.update(
+                    {f"{prefix}{gemm}.{o}": f"fprop.{o}" if fmt == "fprop.input" else fmt for o in operands})
     return formats
 
 
@@ -515,11 +516,13 @@ def tiny_hf(name: str, seed: int):
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, use_cache=False, bos_token_id=1, eos_token_id=2)
     if name == "gpt2":
-        config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, n_positions=64, attn_implementation="eager", **common)
+        config = transformers.GPT2Config(
+            n_embd=64, n_layer=1, n_head=2, n_positions=64, attn_implementation="eager", **common)
         return transformers.GPT2LMHeadModel(config).eval()
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=64, pad_token_id=0, attn_implementation="sdpa", **common,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+        attn_implementation="sdpa", **common,
     )
     return transformers.LlamaForCausalLM(config).eval()
 

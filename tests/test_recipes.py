@@ -5,8 +5,8 @@ import pytest
 import qpass
 from qpass import Quantizer, Recipe, get_recipe
 
-SPEC_RECIPES = ["fp8-train", "mxfp8-train", "mxfp6-train", "fp4-train", "nvfp4-train", "mxfp4-train", "fp8-infer", "mxfp8-infer", "mxfp6-infer",
-                "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only"]
+SPEC_RECIPES = ["fp8-train", "mxfp8-train", "mxfp6-train", "fp4-train", "nvfp4-train", "mxfp4-train",
+                "fp8-infer", "mxfp8-infer", "mxfp6-infer", "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only"]
 
 
 def test_builtin_recipes_are_the_spec_ones():
@@ -74,7 +74,8 @@ def test_fp4_train_is_dge_occ_and_the_forwards_operands_in_backward():
     assert recipe.quantizer("wgrad", "input") == recipe.input
     assert recipe.quantizer("wgrad", "grad_output") == Quantizer("fp8_e5m2")
     ablation = recipe.with_overrides(dge=False, occ=None)
-    assert (ablation.dge, ablation.occ) == (None, None) and str(ablation.quantizer("fprop", "weight")) == "fp4_e2m1(channel)"
+    assert ((ablation.dge, ablation.occ) == (None, None)
+            and str(ablation.quantizer("fprop", "weight")) == "fp4_e2m1(channel)")
     assert recipe.with_overrides(dge=qpass.DGE(k=3)).quantizer("fprop", "weight").dge.k == 3
 
 
@@ -95,22 +96,30 @@ def test_nvfp4_and_mxfp4_train_rotations():
     (lambda: get_recipe("fp4-train").with_overrides(occ=0.3), ValueError, r"quantile alpha in \(0.5, 1\]"),
     (lambda: get_recipe("mxfp4-weight-only").with_overrides(occ=0.99), ValueError, "quantizes no input"),
     (lambda: get_recipe("fp8-train").with_overrides(weight=None, dge=True), ValueError, "needs weight="),
-    (lambda: get_recipe("fp8-train").with_overrides(scaling="delayed", dge=True), ValueError, "scaling='current'"),
+    (lambda: get_recipe("fp8-train").with_overrides(scaling="delayed", dge=True), ValueError,
+     "scaling='current'"),
     (lambda: get_recipe("fp4-train").with_overrides(dge="yes"), TypeError, "dge= takes"),
     (lambda: get_recipe("mxfp4-train").with_overrides(dge=True), ValueError, "forward rotation"),
     (lambda: get_recipe("fp4-train").with_overrides(**{"dgrad.weight": "mxfp4"}), ValueError, "cannot set"),
-    (lambda: get_recipe("fp4-train").with_overrides(hadamard="block32", dge=False), ValueError, "reuse_forward"),
+    (lambda: get_recipe("fp4-train").with_overrides(hadamard="block32", dge=False), ValueError,
+     "reuse_forward"),
     (lambda: get_recipe("fp8-train").with_overrides(hadamard=qpass.Rotation(32, resample=True)), ValueError,
      "backward GEMMs"),
     (lambda: qpass.DGE(k=0.5), ValueError, "k must be >= 1"),
     (lambda: get_recipe("fp4"), ValueError, "unknown recipe 'fp4'; expected one of fp8-train, mxfp8-train"),
-    (lambda: get_recipe("fp8-train").with_overrides(atention=True), ValueError, r"'atention'; valid keys: input"),
-    (lambda: get_recipe("fp8-train").with_overrides(hadamard="block48"), ValueError, "unknown rotation 'block48'; expected one of block16"),
-    (lambda: get_recipe("fp8-train").with_overrides(hadamard=["block16", "full"]), ValueError, "one rotation"),
-    (lambda: get_recipe("fp8-train").with_overrides(hadamard={"bprop": "full"}), ValueError, "unknown hadamard keys"),
-    (lambda: get_recipe("fp8-train").with_overrides(scaling="delayed", hadamard="block16"), ValueError, "rotation"),
+    (lambda: get_recipe("fp8-train").with_overrides(atention=True), ValueError,
+     r"'atention'; valid keys: input"),
+    (lambda: get_recipe("fp8-train").with_overrides(hadamard="block48"), ValueError,
+     "unknown rotation 'block48'; expected one of block16"),
+    (lambda: get_recipe("fp8-train").with_overrides(hadamard=["block16", "full"]), ValueError,
+     "one rotation"),
+    (lambda: get_recipe("fp8-train").with_overrides(hadamard={"bprop": "full"}), ValueError,
+     "unknown hadamard keys"),
+    (lambda: get_recipe("fp8-train").with_overrides(scaling="delayed", hadamard="block16"), ValueError,
+     "rotation"),
     (lambda: get_recipe("fp8-train").with_overrides(ocs=1.5), ValueError, r"expand ratio in \(0, 1\]"),
-    (lambda: get_recipe("fp8-train").with_overrides(rules=[("*", {"hadamard": "residual"})]), ValueError, "whole-model"),
+    (lambda: get_recipe("fp8-train").with_overrides(rules=[("*", {"hadamard": "residual"})]), ValueError,
+     "whole-model"),
     (lambda: get_recipe("mxfp8-train").with_overrides(scaling="delayed"), ValueError, "per-tensor absmax"),
     (lambda: get_recipe("fp8-train").with_overrides(scaling="lazy"), ValueError, "current, delayed"),
     (lambda: get_recipe("fp8-train").with_overrides(scale_mode="rceil"), ValueError, "MX formats"),

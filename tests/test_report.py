@@ -43,7 +43,8 @@ def test_table():
     lines = text.splitlines()
     assert lines[0] == "qpass report: recipe mxfp4-infer, 1 of 3 sites quantized"
     assert lines[1].split() == ["site", "kind", "K", "quantization"]
-    assert lines[3].split() == ["mlp", "linear", "64", "input=mxfp4+hadamard-block32", "weight=mxfp4+hadamard-block32"]
+    assert lines[3].split() == ["mlp", "linear", "64", "input=mxfp4+hadamard-block32",
+                                "weight=mxfp4+hadamard-block32"]
     assert "excluded: final output projection (lm_head)" in lines[4]
 
 

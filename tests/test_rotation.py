@@ -9,8 +9,8 @@ from spec6 import adversarial, assert_same, fq
 
 import qpass
 from qpass import Hadamard, Quantizer, Rotation
-from qpass.hadamard import hadamard_matrix
 from qpass.execution import REFERENCE
+from qpass.hadamard import hadamard_matrix
 from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.rotation import resolve
 
@@ -25,8 +25,9 @@ def dense(rotation: Rotation, length: int) -> torch.Tensor:
     return torch.block_diag(*[block] * (rotation.padded(length) // size))
 
 
-@pytest.mark.parametrize("rotation", [Rotation(16), Rotation(32, seed=3), Rotation(None), Rotation(None, seed=1),
-                                      Rotation(16, signs=(1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1))])
+@pytest.mark.parametrize("rotation", [
+    Rotation(16), Rotation(32, seed=3), Rotation(None), Rotation(None, seed=1),
+    Rotation(16, signs=(1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1))])
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_rotation_is_the_orthogonal_matrix_along_the_axis(rotation, axis):
     x = torch.randn(96, 96, **F64)
@@ -84,7 +85,8 @@ def test_a_resampled_rotation_takes_fresh_signs_that_both_operands_share():
     a, b = torch.randn(3, 40, dtype=torch.float64), torch.randn(40, 5, dtype=torch.float64)
     rotated = rotation(a, -1, signs=first.double()) @ rotation(b, -2, signs=first.double())
     torch.testing.assert_close(rotated, a @ b)
-    assert torch.equal(rotation(a, -1, signs=first.double()), Rotation(16, signs=tuple(first.int().tolist()))(a, -1))
+    assert torch.equal(rotation(a, -1, signs=first.double()),
+                       Rotation(16, signs=tuple(first.int().tolist()))(a, -1))
     with pytest.raises(ValueError, match="resample=True"):
         rotation(a, -1)
     with pytest.raises(ValueError, match="resample=True"):
@@ -95,7 +97,8 @@ def test_hadamard_forms():
     block = Rotation(32)
     assert Hadamard.parse("block32") == Hadamard(block, block, block)
     assert Hadamard.parse(None) == Hadamard() and not Hadamard()
-    assert Hadamard.parse(["residual", "full"]) == Hadamard(Rotation(None), Rotation(None), Rotation(None), Rotation(None, seed=0))
+    assert Hadamard.parse(["residual", "full"]) == Hadamard(Rotation(None), Rotation(None), Rotation(None),
+                                                            Rotation(None, seed=0))
     te = Rotation(16, signs=(1,) * 16)
     assert Hadamard.parse({"wgrad": te}) == Hadamard(wgrad=te)
     assert str(Hadamard.parse(["block32", "residual"])) == "hadamard-block32 residual"
@@ -165,7 +168,8 @@ def test_an_unknown_full_size_warns_naming_the_site_and_stays_exact():
     layer = torch.nn.Sequential(torch.nn.Linear(944, 8))  # 944 = 16 · 59: no Hadamard of 944 is known
     x = torch.randn(3, 944)
     qm = qpass.compile(copy.deepcopy(layer), "mxfp8-infer", backend="aot_eager", hadamard="full")
-    with pytest.warns(UserWarning, match="site '0': fprop: no full-size Hadamard of size 944 is known: using 16-point"):
+    with pytest.warns(UserWarning,
+                      match="site '0': fprop: no full-size Hadamard of size 944 is known: using 16-point"):
         y = qm(x)
     assert qpass.report(qm)["0"]["formats"]["fprop.weight"] == "mxfp8_e4m3+hadamard-block16"
     assert qpass.qsnr(layer(x), y) > 25

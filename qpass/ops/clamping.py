@@ -1,4 +1,5 @@
-"""Outlier clamping and compensation (OCC) and its ops, the activation-side numerics of FP4 training (arXiv 2501.17116).
+"""Outlier clamping and compensation (OCC) and its ops, the activation-side numerics of FP4
+training (arXiv 2501.17116).
 
 An absmax-scaled FP4 row spends its whole range on its largest element: a few outliers leave the
 rest of the row with a bit or two. OCC clamps each row (along the last axis, a token's features) to

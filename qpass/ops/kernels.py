@@ -1,4 +1,5 @@
-"""The ops the lowering pass (:mod:`qpass.passes.lower`) puts into graphs for qpass's generated Triton kernels.
+"""The ops the lowering pass (:mod:`qpass.passes.lower`) puts into graphs for qpass's generated
+Triton kernels.
 
 ``qpass::fake_quantize_kernel``  a rotation and QDQ in one generated kernel, in place of ``rotate``
                                  and ``quantize_dequantize``.
@@ -63,7 +64,8 @@ def register_packed_weight(weight: QTensor) -> str:
 
 @torch.library.custom_op("qpass::packed_linear", mutates_args=())
 def packed_linear(
-    x: Tensor, bias: Tensor | None, weight: str, out_features: int, input_quantizer: str, rotation: str, kernels: bool
+    x: Tensor, bias: Tensor | None, weight: str, out_features: int, input_quantizer: str, rotation: str,
+    kernels: bool
 ) -> Tensor:
     """``Q(rotate(x)) · Wᵀ + bias`` for a weight stored packed (:func:`register_packed_weight`'s
     key ``weight``: a QTensor of W ``[N, K]`` quantized along K, after ``rotation``). With
@@ -75,11 +77,13 @@ def packed_linear(
         from qpass import codegen  # imports triton: only once kernels were chosen
 
         if r is not None:  # a rotated input is quantized by its own kernel, then multiplied as it is
-            x = fake_quantize_kernel(x, input_quantizer, -1, rotation) if a_q else torch.ops.qpass.rotate(x, rotation, -1)
+            x = (fake_quantize_kernel(x, input_quantizer, -1, rotation) if a_q
+                 else torch.ops.qpass.rotate(x, rotation, -1))
             a_q = None
         return codegen.weight_matmul(x, qt, bias, input_quantizer=a_q, out_dtype=x.dtype)
     x = qdq.quantize_operand(a_q, x, -1, rotation=r).to(x.dtype)
-    out = torch.matmul(x, dequantize(qt).to(x.dtype).mT.contiguous())  # the unlowered graph's layout: same sums
+    # the unlowered graph's layout: same sums
+    out = torch.matmul(x, dequantize(qt).to(x.dtype).mT.contiguous())
     return out if bias is None else out + bias
 
 

@@ -1,4 +1,5 @@
-"""``qpass::quantized_matmul``: ``Q(A) · Q(B)`` with a backward that runs the dgrad and wgrad GEMMs of SPEC section 6.
+"""``qpass::quantized_matmul``: ``Q(A) · Q(B)`` with a backward that runs the dgrad and wgrad GEMMs
+of SPEC section 6.
 
 ``A [..., M, K] · B [..., K, N]``; each backward GEMM quantizes its operands from the
 high-precision tensors along its own reduction axis. Independent QDQ nodes on the forward graph
@@ -22,7 +23,8 @@ def quantized_matmul(a: Tensor, b: Tensor, quantizers: str, execution: str) -> T
     """fprop: ``Q(A along K) · Q(B along K)`` in fp32, returned in ``a``'s dtype."""
     q, kernels = MatmulQuantizers.from_json(quantizers), Execution.from_json(execution).kernels
     a_q = qdq.quantize_operand(q.a, a, -1, rotation=q.rotation, kernels=kernels)
-    return torch.matmul(a_q, qdq.quantize_operand(q.b, b, -2, rotation=q.rotation, kernels=kernels)).to(a.dtype)
+    return torch.matmul(
+        a_q, qdq.quantize_operand(q.b, b, -2, rotation=q.rotation, kernels=kernels)).to(a.dtype)
 
 
 @quantized_matmul.register_fake
@@ -44,7 +46,8 @@ def quantized_matmul_backward(
     """
     q, run = MatmulQuantizers.from_json(quantizers), Execution.from_json(execution)
     kernels = run.kernels
-    shared = qdq.quantize_operand(q.da_grad, grad, -1, run.grad_state, kernels=kernels) if q.shares_grad else None
+    shared = (qdq.quantize_operand(q.da_grad, grad, -1, run.grad_state, kernels=kernels) if q.shares_grad
+              else None)
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
         signs = qdq.draw_signs(q.da_rotation, grad.shape[-1])
@@ -70,7 +73,8 @@ def quantized_matmul_backward(
 
 @quantized_matmul_backward.register_fake
 def _(grad, a, b, quantizers, execution, need_a, need_b):
-    return (a.new_empty(a.shape) if need_a else grad.new_empty(0)), (b.new_empty(b.shape) if need_b else grad.new_empty(0))
+    return ((a.new_empty(a.shape) if need_a else grad.new_empty(0)),
+            (b.new_empty(b.shape) if need_b else grad.new_empty(0)))
 
 
 def _save_operands(ctx, inputs, output):
@@ -81,7 +85,8 @@ def _save_operands(ctx, inputs, output):
 def _matmul_backward(ctx, grad):
     a, b = ctx.saved_tensors
     need_a, need_b = ctx.needs_input_grad[:2]
-    grad_a, grad_b = torch.ops.qpass.quantized_matmul_backward(grad, a, b, ctx.quantizers, ctx.execution, need_a, need_b)
+    grad_a, grad_b = torch.ops.qpass.quantized_matmul_backward(
+        grad, a, b, ctx.quantizers, ctx.execution, need_a, need_b)
     return (grad_a if need_a else None), (grad_b if need_b else None), None, None
 
 

@@ -1,4 +1,5 @@
-"""Quantize-dequantize and Hadamard rotation of one operand: ``qpass::quantize_dequantize``, ``qpass::rotate``.
+"""Quantize-dequantize and Hadamard rotation of one operand: ``qpass::quantize_dequantize``,
+``qpass::rotate``.
 
 :func:`quantize_operand` is the one place an operand is fake-quantized, by the reference numerics
 (:mod:`qpass.formats`) or, where the lowering chose them, the generated Triton kernels

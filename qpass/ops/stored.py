@@ -1,4 +1,5 @@
-"""``qpass::dequantize_packed``: a weight stored quantized in the graph, what the ONNX export puts in place of its QDQ."""
+"""``qpass::dequantize_packed``: a weight stored quantized in the graph, what the ONNX export puts in
+place of its QDQ."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from qpass.quantizer import Quantizer
 
 @torch.library.custom_op("qpass::dequantize_packed", mutates_args=())
 def dequantize_packed(
-    codes: Tensor, scales: Tensor, tensor_scale: Tensor | None, quantizer: str, shape: list[int], axis: int, dtype: torch.dtype
+    codes: Tensor, scales: Tensor, tensor_scale: Tensor | None, quantizer: str, shape: list[int], axis: int,
+    dtype: torch.dtype
 ) -> Tensor:
     """``dequantize`` of a QTensor whose codes and scales are graph constants: a weight quantized
     once, at export (:mod:`qpass.onnx.prepare`). ``codes`` and ``scales`` may be typed views of the

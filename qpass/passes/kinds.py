@@ -24,7 +24,8 @@ from qpass.einsum import einsum_layout
 
 aten = torch.ops.aten
 
-Dims = tuple[int | None, int | None, int | None]  # (M, K, N) of A [..., M, K] · B [..., K, N], None: not static
+# (M, K, N) of A [..., M, K] · B [..., K, N], None: not static
+Dims = tuple[int | None, int | None, int | None]
 SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -123,7 +124,8 @@ class OpKind:
             return [(None, reduction, None)] * count
         if self.name == "sdpa":
             q, k, v = shapes
-            return [(_static(q[-2]), _static(q[-1]), _static(k[-2])), (_static(q[-2]), _static(k[-2]), _static(v[-1]))]
+            return [(_static(q[-2]), _static(q[-1]), _static(k[-2])),
+                    (_static(q[-2]), _static(k[-2]), _static(v[-1]))]
         a, b = shapes
         if self.weight_k_axis == -1:
             b = tuple(reversed(b))  # the weight is [N, K]: the product's B is its transpose
@@ -166,20 +168,24 @@ KINDS: dict[str, OpKind] = {
             replacement=quantized.product, arguments=("input", "other"), input_times_weight=True,
         ),
         OpKind(
-            "mm", "matmul", (((torch.mm, aten.mm.default, "mm"), ("input", "mat2")),), operands=("input", "mat2"),
-            replacement=quantized.product, arguments=("input", "mat2"), input_times_weight=True,
+            "mm", "matmul", (((torch.mm, aten.mm.default, "mm"), ("input", "mat2")),),
+            operands=("input", "mat2"), replacement=quantized.product, arguments=("input", "mat2"),
+            input_times_weight=True,
         ),
         OpKind(
-            "bmm", "matmul", (_BMM,), operands=("input", "mat2"), replacement=quantized.product, arguments=("input", "mat2"),
+            "bmm", "matmul", (_BMM,), operands=("input", "mat2"), replacement=quantized.product,
+            arguments=("input", "mat2"),
         ),
         OpKind(
-            "addmm", "matmul", (((torch.addmm, aten.addmm.default, "addmm"), ("input", "mat1", "mat2", "beta", "alpha")),),
+            "addmm", "matmul",
+            (((torch.addmm, aten.addmm.default, "addmm"), ("input", "mat1", "mat2", "beta", "alpha")),),
             operands=("mat1", "mat2"), defaults=_SCALED, replacement=quantized.addmm,
             arguments=("input", "mat1", "mat2", "beta", "alpha"), input_times_weight=True,
         ),
         OpKind(
             "baddbmm", "matmul",
-            (((torch.baddbmm, aten.baddbmm.default, "baddbmm"), ("input", "batch1", "batch2", "beta", "alpha")),),
+            (((torch.baddbmm, aten.baddbmm.default, "baddbmm"),
+              ("input", "batch1", "batch2", "beta", "alpha")),),
             operands=("batch1", "batch2"), defaults=_SCALED, replacement=quantized.addmm,
             arguments=("input", "batch1", "batch2", "beta", "alpha"),
         ),
@@ -192,8 +198,10 @@ KINDS: dict[str, OpKind] = {
             (((F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default), SDPA_PARAMETERS),),
             operands=("query", "key", "value"), roles=("q", "k", "v"), products=(("q", "k"), ("p", "v")),
             product_names=("qk", "pv"),
-            defaults={"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
-            replacement=quantized.scaled_dot_product_attention, arguments=SDPA_PARAMETERS, config_keywords=("qk", "pv"),
+            defaults={"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                      "enable_gqa": False},
+            replacement=quantized.scaled_dot_product_attention, arguments=SDPA_PARAMETERS,
+            config_keywords=("qk", "pv"),
         ),
         # Hand-written softmax(Q·Kᵀ)·V: matmuls of two activations around a softmax (sites._mark_attention).
         OpKind(
@@ -206,7 +214,8 @@ KINDS: dict[str, OpKind] = {
         ),
         OpKind(
             "embedding", "embedding",
-            (((F.embedding,), ("input", "weight")), ((torch.embedding, aten.embedding.default), ("weight", "input"))),
+            (((F.embedding,), ("input", "weight")),
+             ((torch.embedding, aten.embedding.default), ("weight", "input"))),
             operands=("weight",),
         ),
     )

@@ -87,10 +87,13 @@ def _kernels_unsupported(product: ProductPlan) -> str | None:
     q = product.quantizers
     operands = ((q.a, q.rotation), (q.b, q.rotation), (q.da_grad, q.da_rotation), (q.da_b, q.da_rotation),
                 (q.db_grad, q.db_rotation), (q.db_a, q.db_rotation))
-    return next((why for quantizer, rotation in operands if quantizer and (why := unsupported(quantizer, rotation))), None)
+    return next((why for quantizer, rotation in operands
+                 if quantizer and (why := unsupported(quantizer, rotation))), None)
 
 
-def _packed_weight(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Target) -> torch.Tensor | None:
+def _packed_weight(
+    plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Target
+) -> torch.Tensor | None:
     """The weight to pack, if the site qualifies: an inference linear site with a frozen 2-D parameter
     weight that no transform rewrites, no delayed scaling, and quantizers the kernels run."""
     from qpass.codegen.spec import unsupported
@@ -101,16 +104,20 @@ def _packed_weight(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], targ
     weight = parameters.get(site.operands[1])
     (product,) = plan.products
     q = product.quantizers
-    if weight is None or weight.ndim != 2 or q.quantizes_backward or q.b is None or product.execution.has_states:
+    if (weight is None or weight.ndim != 2 or q.quantizes_backward or q.b is None
+            or product.execution.has_states):
         return None
     if weight.requires_grad and not target.frozen:  # a weight that trains cannot be a snapshot
         return None
-    if any(unsupported(quantizer, q.rotation, weight.dtype) for quantizer in (q.b, q.a) if quantizer is not None):
+    if any(unsupported(quantizer, q.rotation, weight.dtype)
+           for quantizer in (q.b, q.a) if quantizer is not None):
         return None
     return weight
 
 
-def lowering(plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target) -> dict[str, str]:
+def lowering(
+    plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target
+) -> dict[str, str]:
     """Analysis: site name -> ``"packed"`` or ``"kernels"`` for every quantized site of a lowered graph."""
     return {
         plan.name: KERNELS if _packed_weight(plan, parameters, target) is None else PACKED
@@ -119,7 +126,8 @@ def lowering(plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], tar
 
 
 def _lowered(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Target) -> SitePlan:
-    where = "" if target.runs_kernels else " (their reference implementations: the graph does not run on CUDA)"
+    where = ("" if target.runs_kernels
+             else " (their reference implementations: the graph does not run on CUDA)")
     if _packed_weight(plan, parameters, target) is not None:
         backend = f"{plan.products[0].quantizers.b} weight packed, Triton dequant-matmul{where}"
         return replace(plan, lowering=PACKED, backend=backend).noted(f"kernels: {backend}")
@@ -127,14 +135,18 @@ def _lowered(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Ta
     if why is not None:
         backend = f"reference: the Triton kernels cannot run it ({why})"
         return replace(plan, backend=backend).noted(f"kernels: {backend}")
-    products = [replace(p, execution=replace(p.execution, kernels=target.runs_kernels)) for p in plan.products]
-    return replace(plan, lowering=KERNELS, backend=f"Triton quantize kernels{where}").with_products(products).noted(
-        f"kernels: Triton quantize kernels{where}"
+    products = [
+        replace(p, execution=replace(p.execution, kernels=target.runs_kernels)) for p in plan.products]
+    return (
+        replace(plan, lowering=KERNELS, backend=f"Triton quantize kernels{where}")
+        .with_products(products)
+        .noted(f"kernels: Triton quantize kernels{where}")
     )
 
 
 def plan_lowering(
-    plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target, new_state: NewState | None = None
+    plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target,
+    new_state: NewState | None = None
 ) -> list[SitePlan]:
     """Each quantized site's execution (``new_state`` makes delayed-scaling states), decided once."""
     if target.kernels == "triton" and not target.on_cuda:
@@ -156,7 +168,9 @@ def plan_lowering(
     return planned
 
 
-def pack_weights(gm: fx.GraphModule, plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target) -> fx.GraphModule:
+def pack_weights(
+    gm: fx.GraphModule, plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target
+) -> fx.GraphModule:
     """Rewrite every packed site into ``qpass::packed_linear`` of its weight, quantized now."""
     for plan in plans:
         if plan.lowering != PACKED:

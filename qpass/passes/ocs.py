@@ -1,9 +1,10 @@
 """Outlier channel splitting (Zhao et al., ICML 2019): trade a few extra MACs for a smaller range.
 
-For a site ``Y = X · Wᵀ`` (a linear layer, or a matmul/addmm of an input and a 2-D weight), the input channel ``c`` with the largest magnitude is split in
-two: one operand's column ``c`` is halved and appended again, the other operand's column ``c`` is
-duplicated, and the product is unchanged. Repeating this ``ceil(ratio · K)`` times (a split
-column may be split again) shrinks the range the quantizer has to cover.
+For a site ``Y = X · Wᵀ`` (a linear layer, or a matmul/addmm of an input and a 2-D weight), the
+input channel ``c`` with the largest magnitude is split in two: one operand's column ``c`` is halved
+and appended again, the other operand's column ``c`` is duplicated, and the product is unchanged.
+Repeating this ``ceil(ratio · K)`` times (a split column may be split again) shrinks the range the
+quantizer has to cover.
 
 - Weight-driven (the default): the weight's columns are halved, the input's duplicated. The split
   is quantization-aware: a pair of halves ``w/2`` would round the same way, so where that rounding
@@ -13,8 +14,9 @@ column may be split again) shrinks the range the quantizer has to cover.
   per-channel max and the input's columns are halved instead (inference recipes).
 
 In the graph each side is one call of a :class:`ChannelSplit` method, a gather (``index_select``)
-and a per-column multiply, right before the site's quantizers. The split weight is computed from the parameter, so a training
-recipe's gradients reach the original weight, and a weight loaded later is split the same way.
+and a per-column multiply, right before the site's quantizers. The split weight is computed from the
+parameter, so a training recipe's gradients reach the original weight, and a weight loaded later is
+split the same way.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class ChannelSplit:
 
     def split_input(self, x: Tensor) -> Tensor:
         x = x.index_select(-1, torch.tensor(self.channels, device=x.device))
-        return x * torch.tensor(self.fractions, dtype=x.dtype, device=x.device) if self.halved == "input" else x
+        return (x * torch.tensor(self.fractions, dtype=x.dtype, device=x.device) if self.halved == "input"
+                else x)
 
     def split_weight(self, weight: Tensor) -> Tensor:
         return self._split_weight(weight.movedim(self.weight_axis, -1)).movedim(-1, self.weight_axis)
@@ -129,7 +132,8 @@ def plan_split(plan: SitePlan, weight: Tensor, input_max: Tensor | None) -> Chan
 
 
 def split_channels(
-    gm: fx.GraphModule, plans: list[SitePlan], parameters: dict[fx.Node, Tensor], calibration: dict[str, Tensor]
+    gm: fx.GraphModule, plans: list[SitePlan], parameters: dict[fx.Node, Tensor],
+    calibration: dict[str, Tensor]
 ) -> dict[str, ChannelSplit]:
     """Rewrite every planned linear site's operands into their split form; returns the splits."""
     splits = {}
@@ -151,7 +155,9 @@ def split_channels(
     return splits
 
 
-def insert_observers(gm: fx.GraphModule, plans: list[SitePlan], observe: Callable[[str, Tensor], None]) -> None:
+def insert_observers(
+    gm: fx.GraphModule, plans: list[SitePlan], observe: Callable[[str, Tensor], None]
+) -> None:
     """For calibration: report the input of every site that OCS will split to ``observe(site, x)``.
     The graph then runs as Python (the observers are plain functions, not ops)."""
     for plan in plans:

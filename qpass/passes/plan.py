@@ -105,7 +105,9 @@ def _recipe_role(site_role: str) -> str:
     return "weight" if site_role == "weight" else "input"  # attention's Q, K, P, V are activations
 
 
-def product_plan(recipe: Recipe, roles: tuple[str, str], dims: Dims = (None, None, None)) -> tuple[ProductPlan, list[str]]:
+def product_plan(
+    recipe: Recipe, roles: tuple[str, str], dims: Dims = (None, None, None)
+) -> tuple[ProductPlan, list[str]]:
     """The product's quantizers and rotations, and warnings about rotations that had to change."""
     grad_a, grad_b = grad_gemms(roles)
     ra, rb = (_recipe_role(role) for role in roles)
@@ -131,7 +133,8 @@ def input_times_weight(site: Site) -> bool:
     """An input times a 2-D weight (a linear layer, GPT-2's Conv1D): where outlier channel splitting
     and outlier clamping apply."""
     weight = meta_value(site.operands[1]) if len(site.operands) == 2 else None
-    return site.roles == ("input", "weight") and site.op.input_times_weight and weight is not None and weight.ndim == 2
+    return (site.roles == ("input", "weight") and site.op.input_times_weight
+            and weight is not None and weight.ndim == 2)
 
 
 def split_width(ocs: float | None, k: int | None) -> int | None:
@@ -159,7 +162,9 @@ def _default_exclusion(site: Site, recipe: Recipe) -> str | None:
     return None
 
 
-def plan_site(site: Site, recipe: Recipe, matched_globs: set[str], calibrated: frozenset[str] = frozenset()) -> SitePlan:
+def plan_site(
+    site: Site, recipe: Recipe, matched_globs: set[str], calibrated: frozenset[str] = frozenset()
+) -> SitePlan:
     """The plan for one site; globs of ``recipe`` that match it are added to ``matched_globs``;
     ``calibrated``: the sites with calibrated input statistics (channel splitting by the input)."""
     reason = _cannot_quantize(site)
@@ -189,19 +194,24 @@ def plan_site(site: Site, recipe: Recipe, matched_globs: set[str], calibrated: f
     planned = [product_plan(site_recipe, r, d) for r, d in zip(site.op.product_roles(site.roles), dims)]
     products = tuple(p for p, _ in planned)
     if not any(p.formats() for p in products):
-        return SitePlan(site, excluded=f"the recipe quantizes none of its operands (roles {', '.join(site.roles)})")
+        return SitePlan(
+            site, excluded=f"the recipe quantizes none of its operands (roles {', '.join(site.roles)})")
     notes = [warning for _, warnings_ in planned for warning in warnings_]
     for note in notes:
         warnings.warn(f"qpass: site {site.name!r}: {note}", stacklevel=2)
     # Outlier clamping needs a quantized input and a weight for the high-precision residual product.
     occ = site_recipe.occ if input_times_weight(site) and products[0].quantizers.a is not None else None
-    plan = SitePlan(site, products, ocs=ocs, ocs_by_input=ocs is not None and site.name in calibrated, occ=occ, notes=tuple(notes))
+    plan = SitePlan(site, products, ocs=ocs, ocs_by_input=ocs is not None and site.name in calibrated,
+                    occ=occ, notes=tuple(notes))
     if ocs is not None:
-        plan = plan.noted(f"ocs: {plan.extra_channels} extra input channels, split by {'input' if plan.ocs_by_input else 'weight'}")
+        plan = plan.noted(f"ocs: {plan.extra_channels} extra input channels, "
+                          f"split by {'input' if plan.ocs_by_input else 'weight'}")
     if occ is not None:
         plan = plan.noted(f"occ: clamped at the {occ:g} quantiles, residual in high precision")
     return plan
 
 
-def plan_sites(sites: list[Site], recipe: Recipe, matched_globs: set[str], calibrated=frozenset()) -> list[SitePlan]:
+def plan_sites(
+    sites: list[Site], recipe: Recipe, matched_globs: set[str], calibrated=frozenset()
+) -> list[SitePlan]:
     return [plan_site(site, recipe, matched_globs, frozenset(calibrated)) for site in sites]

@@ -46,7 +46,8 @@ RMS_NORM = (F.rms_norm, torch.rms_norm, aten.rms_norm.default)
 DROPOUT = (F.dropout, torch.dropout, aten.dropout.default, "dropout")
 # Ops that commute with a rotation of the last axis (casts, copies).
 PASS_THROUGH = (
-    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default, aten.alias.default,  # torch.export's
+    # torch.export's
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default, aten.alias.default,
     "to", "float", "type", "type_as", "contiguous", "clone",
 )
 
@@ -92,7 +93,8 @@ def _keeps_last_axis(node) -> bool:
 
 def _commutes(node) -> bool:
     """``node`` passes its first argument on in a way that commutes with rotating the last axis."""
-    return isinstance(node, fx.Node) and (is_op(node, PASS_THROUGH) or _is_inactive_dropout(node) or _keeps_last_axis(node))
+    return isinstance(node, fx.Node) and (
+        is_op(node, PASS_THROUGH) or _is_inactive_dropout(node) or _keeps_last_axis(node))
 
 
 def _source(node):
@@ -152,7 +154,8 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
     by_node = {plan.site.node: plan.site for plan in plans}
     # Linears with a parameter weight [N, K]: what a rotation folds into.
     linears = {n: s for n, s in by_node.items() if s.op.weight_k_axis == -1 and s.weights[1] is not None}
-    stream = Stream(embeddings=[s for s in by_node.values() if s.op.family == "embedding" and s.weights[0] is not None])
+    stream = Stream(
+        embeddings=[s for s in by_node.values() if s.op.family == "embedding" and s.weights[0] is not None])
     if not stream.embeddings:
         return None, "no embedding in this graph starts a residual stream"
     frontier = [s.node for s in stream.embeddings]
@@ -179,7 +182,8 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
                 elif other not in members and _source(other) not in members:
                     return None, f"the residual stream is added to {other} (not a linear's output)"
             else:
-                return None, f"the residual stream feeds {user.format_node()} (only adds, RMSNorms and casts rotate)"
+                return None, (f"the residual stream feeds {user.format_node()} "
+                              "(only adds, RMSNorms and casts rotate)")
             members.add(user)
             frontier.append(user)
     for norm in stream.norms:
@@ -242,7 +246,9 @@ def _rotate(graph: fx.Graph, x, rotation: Rotation, axis: int) -> fx.Node:
     return graph.call_function(torch.ops.qpass.rotate, (x, rotation.to_json(), axis, False))
 
 
-def plan_residual(plans: list[SitePlan], rotation: Rotation, parameters) -> tuple[list[SitePlan], ResidualRotation | None, str]:
+def plan_residual(
+    plans: list[SitePlan], rotation: Rotation, parameters
+) -> tuple[list[SitePlan], ResidualRotation | None, str]:
     """Decide the rotation of the graph's residual stream by ``rotation`` (full size, falling back to
     a block that divides the width): the plans with the stream's notes and the MLP writers' online
     rotations, what to rewrite (None: nothing), and a note on the graph as a whole."""
@@ -252,8 +258,8 @@ def plan_residual(plans: list[SitePlan], rotation: Rotation, parameters) -> tupl
     rotation, fallback = resolve(rotation, stream.width)
     if stream.width % (rotation.block or stream.width):
         # Padding would change RMSNorm's mean over the width: only an exact rotation will do.
-        return plans, None, (f"residual-stream rotation not applied: no Hadamard rotation fits the stream width "
-                             f"{stream.width} (blocks {BLOCK_SIZES} do not divide it)")
+        return plans, None, (f"residual-stream rotation not applied: no Hadamard rotation fits the "
+                             f"stream width {stream.width} (blocks {BLOCK_SIZES} do not divide it)")
     notes: dict[Site, list[str]] = {}
     for site in stream.embeddings:
         notes.setdefault(site, []).append(f"residual: table rotated ({rotation})")
@@ -268,8 +274,10 @@ def plan_residual(plans: list[SitePlan], rotation: Rotation, parameters) -> tupl
     for plan in plans:
         plan = replace(plan, rotated_weight=plan.site in rotated).noted(*notes.get(plan.site, []))
         planned.append(_online_rotation(plan) if plan.site in mlp_writers else plan)
-    note = (f"residual stream of width {stream.width} rotated by {rotation}{f' ({fallback})' if fallback else ''}: "
-            f"{len(stream.norms)} RMSNorms folded, {len(stream.readers)} readers, {len(stream.writers)} writers")
+    note = (f"residual stream of width {stream.width} rotated by {rotation}"
+            f"{f' ({fallback})' if fallback else ''}: "
+            f"{len(stream.norms)} RMSNorms folded, {len(stream.readers)} readers, "
+            f"{len(stream.writers)} writers")
     return planned, ResidualRotation(stream, rotation), note
 
 
@@ -293,7 +301,8 @@ def rotate_residual_stream(gm: fx.GraphModule, residual: ResidualRotation) -> fx
         node = site.node
         weight = site.op.bind(node)["weight"]
         with graph.inserting_before(node):
-            folded = weight if norm.weight is None else graph.call_function(operator.mul, (weight, norm.weight))
+            folded = (weight if norm.weight is None
+                      else graph.call_function(operator.mul, (weight, norm.weight)))
             node.replace_input_with(weight, _rotate(graph, folded, rotation, -1))
     for norm in stream.norms:  # γ now lives in the readers' weights
         if norm.weight_mul is not None:

@@ -46,7 +46,8 @@ SCORE_OPS = (
 PROBABILITY_OPS = (F.dropout, torch.dropout, aten.dropout.default, aten._to_copy.default, aten.to.dtype,
                    aten.clone.default, "dropout", "to", "type", "type_as", "float", "contiguous")
 # Ops between a router's logits and its top-k.
-ROUTER_OPS = (*SOFTMAX, torch.sigmoid, F.sigmoid, aten.sigmoid.default, "sigmoid", "to", "float", "view", "reshape")
+ROUTER_OPS = (*SOFTMAX, torch.sigmoid, F.sigmoid, aten.sigmoid.default, "sigmoid", "to", "float", "view",
+              "reshape")
 
 
 def _is_transpose_attribute(node: fx.Node) -> bool:
@@ -140,7 +141,8 @@ def _mark_attention(graph: fx.Graph, sites: dict[fx.Node, Site]) -> None:
     """softmax(Q·Kᵀ·scale + mask)·V written by hand: its two matmuls become attention sites."""
     def is_pair_matmul(n):
         # A product of two activations that the attention kinds bind (a matmul or a bmm).
-        return n in sites and KINDS["attention_qk"].signature(n) is not None and sites[n].roles == ("input", "input")
+        return (n in sites and KINDS["attention_qk"].signature(n) is not None
+                and sites[n].roles == ("input", "input"))
 
     for softmax in [n for n in graph.nodes if is_op(n, SOFTMAX)]:
         qk = _upstream(softmax, is_pair_matmul, SCORE_OPS)
@@ -171,10 +173,12 @@ def _traits(site: Site, matmuls: list[Site], embeddings: list[Site]) -> frozense
     if site.op.family != "matmul" or "weight" not in site.roles:
         return frozenset(traits)
     embedding_weights = {s.weights[0] for s in embeddings} - {None}
-    vocabulary = max((v.shape[0] for s in embeddings if (v := meta_value(s.operands[0])) is not None), default=None)
+    vocabulary = max(
+        (v.shape[0] for s in embeddings if (v := meta_value(s.operands[0])) is not None), default=None)
     tied = site.weights[site.roles.index("weight")] in embedding_weights
     # Untied: the last matmul, projecting onto the largest embedding's vocabulary.
-    last_onto_vocabulary = site is matmuls[-1] and vocabulary is not None and _out_features(site) == vocabulary
+    last_onto_vocabulary = (site is matmuls[-1] and vocabulary is not None
+                            and _out_features(site) == vocabulary)
     if tied or last_onto_vocabulary:
         traits.add("output_projection")
     if _downstream(site.node, lambda n: is_op(n, TOPK), ROUTER_OPS) is not None:
@@ -242,7 +246,8 @@ def find_sites(graph: fx.Graph, parameters: dict[fx.Node, torch.Tensor]) -> list
     ``parameters`` maps the nodes that hold parameters (placeholders or get_attrs) to their
     values: operands traced back to one of them get the role ``weight``.
     """
-    sites = {node: _found(node, kind, parameters) for node in graph.nodes if (kind := op_kind(node)) is not None}
+    sites = {node: _found(node, kind, parameters)
+             for node in graph.nodes if (kind := op_kind(node)) is not None}
     _mark_attention(graph, sites)
     ordered = list(sites.values())
     matmuls = [s for s in ordered if s.op.family == "matmul"]

@@ -11,6 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from qpass.ops import clamping
 from qpass.ops.clamping import clamp_outliers, outlier_bounds
 
+
 def reference_bounds(x, alpha):
     x = x if x.dtype == torch.float64 else x.float()
     lo = torch.quantile(x, 1 - alpha, dim=-1, keepdim=True)

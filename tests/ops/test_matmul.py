@@ -28,7 +28,8 @@ CASES = {
 
 def op_config(specs) -> tuple[str, str]:
     """The op's quantizers and execution (the reference) as JSON."""
-    return MatmulQuantizers(**{k: v and Quantizer(**v) for k, v in specs.items()}).to_json(), Execution().to_json()
+    return (MatmulQuantizers(**{k: v and Quantizer(**v) for k, v in specs.items()}).to_json(),
+            Execution().to_json())
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -72,7 +73,8 @@ def test_gradients_not_needed_are_not_computed():
     a, w = torch.randn(4, 64), torch.randn(8, 64, requires_grad=True)
     torch.ops.qpass.quantized_matmul(a, w.mT, *op_config(CASES["mxfp8"])).sum().backward()
     assert w.grad.shape == w.shape and a.grad is None
-    da, db = torch.ops.qpass.quantized_matmul_backward(torch.ones(4, 8), a, w.mT, *op_config(CASES["mxfp8"]), False, True)
+    da, db = torch.ops.qpass.quantized_matmul_backward(
+        torch.ones(4, 8), a, w.mT, *op_config(CASES["mxfp8"]), False, True)
     assert da.numel() == 0 and db.shape == (64, 8)
 
 
@@ -82,7 +84,8 @@ def test_bf16_operands_accumulate_in_fp32():
     y16 = torch.ops.qpass.quantized_matmul(a.bfloat16(), w.bfloat16().mT, *config)
     # MX E4M3 values are exact in bf16, so the only difference is the output's rounding.
     assert y16.dtype == torch.bfloat16
-    assert torch.equal(y16, torch.ops.qpass.quantized_matmul(a.bfloat16().float(), w.bfloat16().float().mT, *config).bfloat16())
+    assert torch.equal(y16, torch.ops.qpass.quantized_matmul(
+        a.bfloat16().float(), w.bfloat16().float().mT, *config).bfloat16())
 
 
 def test_quantize_dequantize_is_fake_quantize_with_a_straight_through_gradient():
@@ -119,6 +122,7 @@ def test_dequantize_packed_is_dequantize_of_the_stored_tensors(name, codes_dtype
     qt = quantize(w, quantizer.spec, 0)
     codes = pack_fp6(qt.codes) if codes_dtype is None else qt.codes.view(codes_dtype)
     scales = qt.scales if scales_dtype is None else qt.scales.view(scales_dtype)
-    out = torch.ops.qpass.dequantize_packed(codes, scales, qt.tensor_scale, quantizer.to_json(), [24, 40], 0, torch.bfloat16)
+    out = torch.ops.qpass.dequantize_packed(
+        codes, scales, qt.tensor_scale, quantizer.to_json(), [24, 40], 0, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out.view(torch.int16), dequantize(qt).view(torch.int16))

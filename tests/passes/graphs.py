@@ -36,7 +36,8 @@ def quantization_off():
     input's own dtype: what is left is the transforms, which must preserve the function exactly."""
     def identity(quantizer, x, axis, state="", rotation=None, signs=None, kernels=False):
         x = x.detach()
-        return x.clone() if rotation is None else rotation(x, axis, signs=None if signs is None else signs.to(x.dtype))
+        return (x.clone() if rotation is None
+                else rotation(x, axis, signs=None if signs is None else signs.to(x.dtype)))
 
     original = qpass.ops.qdq.quantize_operand
     qpass.ops.qdq.quantize_operand = identity

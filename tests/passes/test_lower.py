@@ -35,7 +35,8 @@ class Block(nn.Module):
 def planned_graph(recipe, **overrides):
     module, x = Block(), torch.randn(2, 8, 64)
     gm, parameters, _ = capture(module, x)
-    plans = plan_sites(find_sites(gm.graph, parameters), qpass.get_recipe(recipe).with_overrides(**overrides), set())
+    plans = plan_sites(
+        find_sites(gm.graph, parameters), qpass.get_recipe(recipe).with_overrides(**overrides), set())
     return gm, plans, parameters
 
 
@@ -135,7 +136,8 @@ def test_lowered_inference_graph_runs_the_triton_kernels(recipe, monkeypatch):
     import qpass.codegen as codegen
 
     calls, weight_matmul = [], codegen.weight_matmul
-    monkeypatch.setattr(codegen, "weight_matmul", lambda *args, **kwargs: calls.append(1) or weight_matmul(*args, **kwargs))
+    monkeypatch.setattr(
+        codegen, "weight_matmul", lambda *args, **kwargs: calls.append(1) or weight_matmul(*args, **kwargs))
     model, x = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)), torch.randn(3, 64)
     lowered, _ = run(model, recipe, "interpret", x, grad=False)
     reference, _ = run(model, recipe, "reference", x, grad=False)
@@ -150,7 +152,8 @@ def test_lowered_training_graph_runs_the_triton_kernels(monkeypatch):
     import qpass.codegen as codegen
 
     calls, fake_quantize = [], codegen.fake_quantize
-    monkeypatch.setattr(codegen, "fake_quantize", lambda *args, **kwargs: calls.append(1) or fake_quantize(*args, **kwargs))
+    monkeypatch.setattr(
+        codegen, "fake_quantize", lambda *args, **kwargs: calls.append(1) or fake_quantize(*args, **kwargs))
     model, x = nn.Sequential(nn.Linear(64, 32)), torch.randn(4, 64)
     reference, reference_grads = run(model, "mxfp8-train", "reference", x, grad=True)
     assert not calls

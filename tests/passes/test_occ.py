@@ -29,7 +29,8 @@ class Mixed(nn.Module):
 
 def clamped_graph(module, x, recipe="fp4-train", **overrides):
     gm, parameters, inputs = capture(module, x)
-    plans = plan_sites(find_sites(gm.graph, parameters), qpass.get_recipe(recipe).with_overrides(**overrides), set())
+    plans = plan_sites(
+        find_sites(gm.graph, parameters), qpass.get_recipe(recipe).with_overrides(**overrides), set())
     clamp_inputs(gm, plans)
     return gm, plans, inputs
 

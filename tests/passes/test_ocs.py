@@ -27,7 +27,8 @@ def test_split_count_is_the_expand_ratio_and_shares_sum_to_one(ratio):
     w = planted()
     split = split_by_weight(w, ratio, None)
     assert split.extra == math.ceil(ratio * 64) and len(split.channels) == 64 + split.extra
-    shares = torch.zeros(64, **F64).index_add(0, torch.tensor(split.channels), torch.tensor(split.fractions, **F64))
+    shares = torch.zeros(64, **F64).index_add(
+        0, torch.tensor(split.channels), torch.tensor(split.fractions, **F64))
     assert torch.equal(shares, torch.ones(64, **F64))
 
 
@@ -42,7 +43,8 @@ def test_splitting_preserves_the_product_and_shrinks_the_weight_range():
     w, x = planted(), torch.randn(5, 64, **F64)
     for split in (split_by_weight(w, 0.05, None), split_by_weight(w, 0.05, qpass.Quantizer("mxfp4")),
                   split_by_input(x.abs().amax(0), 0.05)):
-        torch.testing.assert_close(split.split_input(x) @ split.split_weight(w).T, x @ w.T, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(
+            split.split_input(x) @ split.split_weight(w).T, x @ w.T, atol=1e-12, rtol=1e-12)
     weight_split = split_by_weight(w, 0.05, None).split_weight(w)
     assert weight_split.abs().max() <= w.abs().max() / 2  # both planted channels are split
 
@@ -79,7 +81,8 @@ def test_pass_inserts_one_split_per_operand_and_keeps_the_function():
     module = TwoLinears().double()
     x = torch.randn(4, 64, **F64)
     gm, parameters, inputs = capture(module, x)
-    plans = plan_sites(find_sites(gm.graph, parameters), qpass.get_recipe("mxfp4-infer").with_overrides(ocs=0.05), set())
+    plans = plan_sites(
+        find_sites(gm.graph, parameters), qpass.get_recipe("mxfp4-infer").with_overrides(ocs=0.05), set())
     splits = split_channels(gm, plans, parameters, {})
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert sum(getattr(t, "__func__", None) is ChannelSplit.split_input for t in targets) == 2

@@ -100,4 +100,5 @@ def test_delayed_scaling_gives_each_operand_a_state():
         return ""
 
     quantize_graph(gm, parameters, recipe, set(), new_state)
-    assert made == [(f"{s}.{o}", o == "weight") for s in ("up", "down") for o in ("input", "weight", "grad_output")]
+    assert made == [(f"{s}.{o}", o == "weight")
+                    for s in ("up", "down") for o in ("input", "weight", "grad_output")]

@@ -39,11 +39,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(fused), RMSNorm(fused)
         self.qkv, self.out = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D, bias=True)
-        self.gate, self.up, self.down = nn.Linear(D, 96, bias=False), nn.Linear(D, 96, bias=False), nn.Linear(96, D)
+        self.gate, self.up, self.down = (nn.Linear(D, 96, bias=False), nn.Linear(D, 96, bias=False),
+                                         nn.Linear(96, D))
 
     def forward(self, h):
         q, k, v = self.qkv(self.norm1(h)).unflatten(-1, (3, 4, 16)).unbind(-3)
-        attention = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        attention = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         h = h + self.out(attention.transpose(1, 2).flatten(-2))
         x = self.norm2(h)
         return h + self.down(F.silu(self.gate(x)) * self.up(x))
@@ -89,7 +91,8 @@ def test_stream_found_and_rotated(fused, tied):
     plans = plan_sites(find_sites(gm.graph, parameters), qpass.get_recipe("mxfp4-infer"), set())
     stream, why = find_stream(plans, parameters)
     assert why is None
-    assert [p.name for p in stream.writers] == ["blocks.0.out", "blocks.0.down", "blocks.1.out", "blocks.1.down"]
+    assert [p.name for p in stream.writers] == ["blocks.0.out", "blocks.0.down",
+                                                "blocks.1.out", "blocks.1.down"]
     assert [p.name for p, _ in stream.readers] == ["blocks.0.qkv", "blocks.0.gate", "blocks.0.up",
                                                      "blocks.1.qkv", "blocks.1.gate", "blocks.1.up", "head"]
     assert len(stream.norms) == 5 and stream.width == D
@@ -118,7 +121,8 @@ def test_every_transform_preserves_the_function(overrides):
 
 def test_training_recipes_keep_the_function_and_the_gradients():
     model = TinyLlama().double()
-    qm = qpass.compile(copy.deepcopy(model), "mxfp8-train", backend="aot_eager", hadamard=["residual", "block32"], ocs=0.02)
+    qm = qpass.compile(copy.deepcopy(model), "mxfp8-train", backend="aot_eager",
+                       hadamard=["residual", "block32"], ocs=0.02)
     with quantization_off():
         qm(ids()).square().mean().backward()
     model(ids()).square().mean().backward()
@@ -153,7 +157,8 @@ def float64_llama_norm(monkeypatch):
     monkeypatch.setattr(transformers.models.llama.modeling_llama.LlamaRMSNorm, "forward", forward)
 
 
-@pytest.mark.parametrize("overrides", [dict(hadamard="residual"), dict(hadamard=["residual", "block16"], ocs=0.05)], ids=str)
+@pytest.mark.parametrize(
+    "overrides", [dict(hadamard="residual"), dict(hadamard=["residual", "block16"], ocs=0.05)], ids=str)
 def test_hf_llama_is_preserved(float64_llama_norm, overrides):
     report = assert_preserved(hf_llama(), "mxfp4-infer", ids(), lambda out: out.logits, **overrides)
     assert any("residual stream of width 64 rotated" in note for note in report.notes)
@@ -164,12 +169,15 @@ def test_hf_llama_is_preserved(float64_llama_norm, overrides):
 
 
 def test_gpt2_layernorm_is_left_alone_and_says_so():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).double().eval()
-    report = assert_preserved(model, "mxfp4-infer", ids(), lambda out: out.logits, hadamard=["residual", "block32"], ocs=0.05)
+    report = assert_preserved(model, "mxfp4-infer", ids(), lambda out: out.logits,
+                              hadamard=["residual", "block32"], ocs=0.05)
     (note,) = [n for n in report.notes if "residual" in n]
-    assert note.startswith("residual-stream rotation not applied: the residual stream feeds") and "layer_norm" in note
+    assert (note.startswith("residual-stream rotation not applied: the residual stream feeds")
+            and "layer_norm" in note)
     assert report["transformer.h.0.mlp.c_fc"]["extra_channels"] == 4  # GPT-2's Conv1D (addmm) is split
 
 
@@ -181,7 +189,8 @@ def test_a_stream_that_leaves_the_graph_is_left_alone():
                 h = block(h)
             return self.head(self.norm(h)), h
 
-    report = assert_preserved(ReturnsHidden().double(), "mxfp4-infer", ids(), lambda out: out[0], hadamard="residual")
+    report = assert_preserved(
+        ReturnsHidden().double(), "mxfp4-infer", ids(), lambda out: out[0], hadamard="residual")
     assert "not applied: the residual stream feeds return (linear_10, h_4)" in report.notes[0]
 
 

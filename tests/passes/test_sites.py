@@ -46,7 +46,8 @@ PATTERNS = [
 ]
 
 
-@pytest.mark.parametrize("fn, kind, roles, name", PATTERNS, ids=[f"{p[1]}-{i}" for i, p in enumerate(PATTERNS)])
+@pytest.mark.parametrize("fn, kind, roles, name", PATTERNS,
+                         ids=[f"{p[1]}-{i}" for i, p in enumerate(PATTERNS)])
 def test_each_pattern_is_found_once(fn, kind, roles, name):
     (site,) = sites_of(fn)
     assert (site.kind, site.roles, site.name) == (kind, roles, name)
