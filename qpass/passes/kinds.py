@@ -41,6 +41,37 @@ def _static(size) -> int | None:
     return size if isinstance(size, int) else None
 
 
+def _last_axis(bound: dict, a: torch.Size) -> int:
+    return a[-1]
+
+
+def _contracted(bound: dict, a: torch.Size) -> int:
+    """An einsum's K: the product of its contracted indices' sizes."""
+    layout = einsum_layout(bound["equation"])
+    return math.prod(a[layout.a.index(i)] for i in layout.contracted)
+
+
+def _einsum_unsupported(bound: dict) -> str | None:
+    layout = einsum_layout(bound["equation"], bound["num_operands"])
+    return layout if isinstance(layout, str) else None
+
+
+def _product_dims(kind: OpKind, shapes: list) -> list[Dims]:
+    a, b = shapes
+    if kind.weight_k_axis == -1:
+        b = tuple(reversed(b))  # the weight is [N, K]: the product's B is its transpose
+    # A matrix B is shared by every batch entry: its weight gradient reduces all of A's rows.
+    m = math.prod(a[:-1]) if len(b) == 2 else a[-2]
+    return [(_static(m), _static(a[-1]), _static(b[-1]))]
+
+
+def _attention_dims(kind: OpKind, shapes: list) -> list[Dims]:
+    """Q·Kᵀ reduces head_dim, P·V the keys."""
+    q, k, v = shapes
+    return [(_static(q[-2]), _static(q[-1]), _static(k[-2])),
+            (_static(q[-2]), _static(k[-2]), _static(v[-1]))]
+
+
 @dataclass(frozen=True)
 class OpKind:
     """One kind of site. ``signatures``: per group of targets (functions for ``call_function``,
@@ -67,6 +98,11 @@ class OpKind:
     # An input times a 2-D weight shared by every row: where channel splitting and clamping apply.
     input_times_weight: bool = False
     bind_arguments: Callable[[fx.Node], dict] | None = None  # for signatures no name list describes
+    # K from the bound arguments and the first operand's shape; (M, K, N) per product from the operands'
+    # shapes (None: not static); why a site cannot be quantized, beyond a vector operand.
+    reduction_of: Callable[[dict, torch.Size], int] = _last_axis
+    dims_of: Callable[[OpKind, list], list[Dims]] | None = _product_dims
+    unsupported_of: Callable[[dict], str | None] | None = None
 
     def matches(self, node: fx.Node) -> bool:
         return not self.by_pattern and self.signature(node) is not None
@@ -109,29 +145,22 @@ class OpKind:
         value = meta_value(self.operand_nodes(node)[0])
         if value is None or value.ndim == 0:
             return None
-        if self.name == "einsum":
-            layout = einsum_layout(node.args[0])
-            k = math.prod(value.shape[layout.a.index(i)] for i in layout.contracted)
-        else:
-            k = value.shape[-1]
-        return _static(k)  # a symbolic K is decided at run time, never excluded
+        return _static(self.reduction_of(self.bind(node), value.shape))  # a symbolic K is decided at run time
+
+    def unsupported(self, node: fx.Node) -> str | None:
+        """Why this site cannot be quantized (None when it can)."""
+        why = self.unsupported_of(self.bind(node)) if self.unsupported_of is not None else None
+        vector = any((v := meta_value(o)) is not None and v.ndim < 2 for o in self.operand_nodes(node))
+        if why is None and self.family != "embedding" and vector:
+            why = "a vector operand (matrix-vector product)"
+        return why
 
     def dims(self, operands: tuple, reduction: int | None) -> list[Dims]:
         """(M, K, N) of each product, from the graph's example values."""
         shapes = [None if (v := meta_value(o)) is None else v.shape for o in operands]
-        count = len(self.products or ((),))
-        if any(shape is None for shape in shapes) or self.name == "einsum":
-            return [(None, reduction, None)] * count
-        if self.name == "sdpa":
-            q, k, v = shapes
-            return [(_static(q[-2]), _static(q[-1]), _static(k[-2])),
-                    (_static(q[-2]), _static(k[-2]), _static(v[-1]))]
-        a, b = shapes
-        if self.weight_k_axis == -1:
-            b = tuple(reversed(b))  # the weight is [N, K]: the product's B is its transpose
-        # A matrix B is shared by every batch entry: its weight gradient reduces all of A's rows.
-        m = math.prod(a[:-1]) if len(b) == 2 else a[-2]
-        return [(_static(m), _static(a[-1]), _static(b[-1]))]
+        if any(shape is None for shape in shapes) or self.dims_of is None:
+            return [(None, reduction, None)] * len(self.products or ((),))
+        return self.dims_of(self, shapes)
 
 
 def is_op(node: fx.Node, targets: tuple) -> bool:
@@ -192,6 +221,7 @@ KINDS: dict[str, OpKind] = {
         OpKind(
             "einsum", "matmul", (((torch.einsum, aten.einsum.default), ()),), operands=("a", "b"),
             replacement=quantized.einsum, arguments=("equation", "a", "b"), bind_arguments=_bind_einsum,
+            reduction_of=_contracted, dims_of=None, unsupported_of=_einsum_unsupported,
         ),
         OpKind(
             "sdpa", "attention",
@@ -201,7 +231,7 @@ KINDS: dict[str, OpKind] = {
             defaults={"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
                       "enable_gqa": False},
             replacement=quantized.scaled_dot_product_attention, arguments=SDPA_PARAMETERS,
-            config_keywords=("qk", "pv"),
+            config_keywords=("qk", "pv"), dims_of=_attention_dims,
         ),
         # Hand-written softmax(Q·Kᵀ)·V: matmuls of two activations around a softmax (sites._mark_attention).
         OpKind(

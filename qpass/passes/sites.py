@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qpass.einsum import einsum_layout
 from qpass.passes.kinds import KINDS, OpKind, is_op, meta_value, op_kind
 
 aten = torch.ops.aten
@@ -218,22 +217,11 @@ def _names(sites: list[Site]) -> list[str]:
 # ---- the pass ----------------------------------------------------------------------------------
 
 
-def _unsupported(kind: OpKind, node: fx.Node, operands: tuple) -> str | None:
-    """Why a site of ``kind`` cannot be quantized (None when it can)."""
-    if kind.name == "einsum":
-        layout = einsum_layout(node.args[0], kind.bind(node)["num_operands"])
-        if isinstance(layout, str):
-            return layout
-    if kind.family != "embedding" and any((v := meta_value(o)) is not None and v.ndim < 2 for o in operands):
-        return "a vector operand (matrix-vector product)"
-    return None
-
-
 def _found(node: fx.Node, kind: OpKind, parameters: dict[fx.Node, torch.Tensor]) -> Site:
     operands = kind.operand_nodes(node)
     weights = tuple(source_parameter(o, parameters) for o in operands)
     roles = kind.roles or tuple("weight" if w is not None else "input" for w in weights)
-    why = _unsupported(kind, node, operands)
+    why = kind.unsupported(node)
     return Site(
         name="", kind=kind.name, node=node, operands=operands, roles=roles, module=module_path(node),
         reduction=kind.reduction(node) if why is None else None, unsupported=why, weights=weights,

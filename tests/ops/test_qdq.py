@@ -42,3 +42,11 @@ def test_resampled_signs_are_drawn_once_per_gemm():
     assert qdq.draw_signs(None, 64) is None and qdq.draw_signs(Rotation(32, seed=0), 64) is None
     signs = qdq.draw_signs(Rotation(32, resample=True), 64)
     assert signs.shape == (32,) and set(signs.tolist()) <= {-1.0, 1.0}
+
+
+def test_quantize_dequantize_is_fake_quantize_with_a_straight_through_gradient():
+    x = adversarial(3, 70, seed=6).requires_grad_()
+    y = torch.ops.qpass.quantize_dequantize(x, Quantizer("nvfp4").to_json(), -1, "")
+    assert_same(y, Quantizer("nvfp4")(x.detach(), -1))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))

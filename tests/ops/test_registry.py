@@ -26,5 +26,6 @@ def test_a_deleted_object_is_gone_with_a_clear_error():
     key = registry.register(torch.nn.Linear(2, 2))  # nothing else holds it
     gc.collect()
     assert key not in registry
-    with pytest.raises(RuntimeError, match=r"delayed-scaling state .* no longer exists \(was its model deleted\?\)"):
+    message = r"delayed-scaling state .* no longer exists \(was its model deleted\?\)"
+    with pytest.raises(RuntimeError, match=message):
         registry[key]

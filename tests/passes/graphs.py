@@ -11,6 +11,21 @@ import qpass.ops.qdq
 from qpass.capture import dynamo_parameters
 
 
+class Wrap(torch.nn.Module):
+    """``fn(self, x)`` as a module with a 64x64 weight ``w``, a sub-``linear`` and an embedding
+    ``table`` (unused parameters do not reach the graph)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.w = torch.nn.Parameter(torch.randn(64, 64))
+        self.linear = torch.nn.Linear(64, 64)
+        self.table = torch.nn.Embedding(16, 64)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
 def capture(module: torch.nn.Module, *inputs) -> tuple[fx.GraphModule, set[fx.Node], list]:
     """The one Dynamo graph of ``module(*inputs)``, its parameter nodes and its example inputs."""
     captured = []

@@ -4,23 +4,11 @@ operands, and is replaced by its quantized form (a new kind needs an example her
 import pytest
 import torch
 import torch.nn.functional as F
-from graphs import capture, count_calls
-from torch import nn
+from graphs import Wrap, capture, count_calls
 
 import qpass
 from qpass.passes import find_sites, insert_quantizers, plan_sites
 from qpass.passes.kinds import ATTENTION_KINDS, KINDS, MATMUL_KINDS
-
-
-class Wrap(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-        self.w = nn.Parameter(torch.randn(64, 64))
-        self.table = nn.Embedding(16, 64)
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 def attention(m, x):

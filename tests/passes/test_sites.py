@@ -3,23 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from graphs import capture
+from graphs import Wrap, capture
 from torch import nn
 
 from qpass.passes import find_sites
-
-
-class Wrap(nn.Module):
-    """``fn(self, x)`` as a module with a 64x64 weight ``w`` (and a sub-``linear``)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-        self.w = nn.Parameter(torch.randn(64, 64))
-        self.linear = nn.Linear(64, 64)
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 def sites_of(fn, x=None):
