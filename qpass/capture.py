@@ -245,11 +245,13 @@ def _watching(model: nn.Module, state: QpassState):
         yield
     finally:
         eager = _EAGER.pop()
+    if not eager or state.observe is not None:
+        return
     # Modules whose every site stays in high precision anyway (embeddings, lm_head) are no loss.
     excluded = ({p.site.module for p in state.plans.values()}
                 - {p.site.module for p in state.plans.values() if p.excluded is None})
     eager = sorted(set(eager) - excluded)
-    if eager and state.observe is None:
+    if eager:
         warnings.warn(
             f"qpass: {type(model).__name__} ran {', '.join(eager)} eagerly, so they are NOT quantized: "
             f"{_cause(before, _dynamo_decisions())}", stacklevel=4,
