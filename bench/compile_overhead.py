@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results import write_section  # noqa: E402
 
 import qpass  # noqa: E402
-from qpass.compile import _dynamo_parameters  # noqa: E402
+from qpass.capture import dynamo_parameters  # noqa: E402
 from qpass.passes import quantize_graph  # noqa: E402
 from qpass.recipes import get_recipe  # noqa: E402
 
@@ -114,7 +114,7 @@ def fresh_copy(captured: Captured) -> tuple[fx.GraphModule, set[fx.Node]]:
 
     ``graph_copy`` copies each node's meta dict but shares its values (the fake tensors the passes
     read), which a deepcopy of the GraphModule would try to copy too. The parameters are found by
-    name: Dynamo's ``grapharg`` metadata, which ``_dynamo_parameters`` reads, is only valid inside
+    name: Dynamo's ``grapharg`` metadata, which ``dynamo_parameters`` reads, is only valid inside
     the backend call.
     """
     graph = fx.Graph()
@@ -130,7 +130,7 @@ def capture(model: nn.Module, tokens: torch.Tensor) -> Captured:
     start = time.perf_counter()
 
     def record(gm: fx.GraphModule, example_inputs):
-        names = {n.name for n in _dynamo_parameters(gm)}
+        names = {n.name for n in dynamo_parameters(gm)}
         result = Captured(gm, names, capture_s=time.perf_counter() - start)
         result.graph, _ = fresh_copy(result)  # Dynamo may touch gm after we return: keep our own
         quantized, parameters = fresh_copy(result)
@@ -164,7 +164,7 @@ def time_passes(row: PassRow) -> None:
     recipe = get_recipe(PASS_RECIPE)
     gc.collect()  # the garbage of earlier copies is not the passes' to collect
     cpu, wall = time.process_time(), time.perf_counter()
-    plans = quantize_graph(gm, parameters, recipe, set())
+    plans, _ = quantize_graph(gm, parameters, recipe, set())
     row.cpu_s = min(row.cpu_s, time.process_time() - cpu)
     row.wall_s = min(row.wall_s, time.perf_counter() - wall)
     row.nodes, row.sites = len(row.captured.graph.graph.nodes), len(plans)

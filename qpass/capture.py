@@ -24,6 +24,7 @@ import contextlib
 import copyreg
 import inspect
 import itertools
+import threading
 import types
 import warnings
 import weakref
@@ -114,9 +115,8 @@ class CompiledCall:
         model = self._model()
         state = model.__dict__["_qpass"]
         if self._compiled is None:
-            backend = _Backend(state)
             self._compiled = torch.compile(
-                _own_code(_call_module), backend=backend, **_ISOLATED, **state.options)
+                _own_code(_call_module), backend=_Backend(state), **_ISOLATED, **state.options)
         with _watching(model, state):
             out = self._compiled(model, *args, **kwargs)
         if not state.checked:
@@ -194,7 +194,14 @@ def _weight_holders(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-_EAGER: list[list[str]] = []  # per compiled call in progress, the modules that ran outside a graph
+class _Calls(threading.local):
+    """Per thread, per compiled call in progress, the modules that ran outside a graph."""
+
+    def __init__(self):
+        self.eager: list[list[str]] = []
+
+
+_CALLS = _Calls()
 
 
 class _EagerWatch:
@@ -206,8 +213,8 @@ class _EagerWatch:
         self.name = name
 
     def __call__(self, module: nn.Module, args) -> None:
-        if _EAGER and not torch.compiler.is_compiling():
-            _EAGER[-1].append(self.name)
+        if _CALLS.eager and not torch.compiler.is_compiling():
+            _CALLS.eager[-1].append(self.name)
 
 
 # Dynamo must not compile the hook as a frame of its own (an eagerly run caller would then see it
@@ -240,11 +247,11 @@ def _cause(before: tuple[int, set[str]], after: tuple[int, set[str]]) -> str:
 def _watching(model: nn.Module, state: QpassState):
     """Warn, at every call, about quantizable modules that ran outside any Dynamo graph."""
     before = _dynamo_decisions()
-    _EAGER.append([])
+    _CALLS.eager.append([])
     try:
         yield
     finally:
-        eager = _EAGER.pop()
+        eager = _CALLS.eager.pop()
     if not eager or state.observe is not None:
         return
     # Modules whose every site stays in high precision anyway (embeddings, lm_head) are no loss.

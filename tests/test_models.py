@@ -511,8 +511,10 @@ def test_many_compiled_models_are_all_quantized():
 
 
 def tiny_hf(name: str, seed: int):
-    """A one-layer GPT-2 or Llama; called with labels, both break Dynamo's graph (GPT-2 at a
-    ``logger.warning_once``), so their later frames run in code every instance shares."""
+    """A one-layer GPT-2 or Llama. Called with labels, GPT-2 breaks Dynamo's graph (at a
+    ``logger.warning_once``), so its later frames run in code every instance shares; Llama runs as
+    one graph. (A break inside a submodule, such as Llama's with ``output_attentions=True`` under
+    SDPA, makes the resumed frames' sites lose their module prefix: issue 17's naming problem.)"""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, use_cache=False, bos_token_id=1, eos_token_id=2)
     if name == "gpt2":
@@ -530,8 +532,8 @@ def tiny_hf(name: str, seed: int):
 @pytest.mark.slow
 def test_twenty_hugging_face_models_with_graph_breaks_are_all_quantized():
     """10 GPT-2 and 10 Llama models compiled in one process, recipes alternating (their graphs must
-    not be shared), every other one kept alive: each is fully quantized in its own recipe, with no
-    qpass warning, and the live ones still are when called again at the end."""
+    not be shared), most kept alive and the rest deleted: each is fully quantized in its own recipe,
+    with no qpass warning, and the live ones still are when called again at the end."""
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     alive, failures = [], []
