@@ -33,7 +33,7 @@ from qpass.execution import Execution
 from qpass.formats import quantize
 from qpass.ops.kernels import register_packed_weight
 from qpass.passes.plan import ProductPlan, SitePlan
-from qpass.passes.quantize import replace_node
+from qpass.passes.quantize import recompiled, replace_node
 from qpass.quantizer import Quantizer
 
 KERNEL_CHOICES = ("auto", "triton", "interpret", "reference")
@@ -172,9 +172,8 @@ def pack_weights(
     gm: fx.GraphModule, plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target
 ) -> fx.GraphModule:
     """Rewrite every packed site into ``qpass::packed_linear`` of its weight, quantized now."""
-    for plan in plans:
-        if plan.lowering != PACKED:
-            continue
+    packed = [plan for plan in plans if plan.lowering == PACKED]
+    for plan in packed:
         node = plan.site.node
         bound = plan.site.op.bind(node)
         weight = parameters[plan.site.operands[1]]
@@ -189,6 +188,4 @@ def pack_weights(
         args = (bound["input"], bound["bias"], register_packed_weight(qt), qt.shape[0],
                 q.a.to_json() if q.a else "", q.rotation.to_json() if q.rotation else "", target.runs_kernels)
         replace_node(gm.graph, node, torch.ops.qpass.packed_linear.default, args)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return recompiled(gm, bool(packed))

@@ -22,6 +22,7 @@ from torch import Tensor, fx
 
 from qpass.ops.clamping import clamp_outliers
 from qpass.passes.plan import SitePlan
+from qpass.passes.quantize import recompiled
 
 
 def compensate(y: Tensor, residual: Tensor, weight: Tensor, weight_axis: int) -> Tensor:
@@ -32,9 +33,8 @@ def compensate(y: Tensor, residual: Tensor, weight: Tensor, weight_axis: int) ->
 def clamp_inputs(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
     """Clamp the input of every site planned with ``occ`` and add its compensation after it."""
     graph = gm.graph
-    for plan in plans:
-        if plan.excluded is not None or plan.occ is None:
-            continue
+    clamped = [plan for plan in plans if plan.excluded is None and plan.occ is not None]
+    for plan in clamped:
         node = plan.site.node
         x, weight = plan.site.op.operand_nodes(node)  # after OCS: the split operands
         with graph.inserting_before(node):
@@ -45,6 +45,4 @@ def clamp_inputs(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
         with graph.inserting_after(node):
             out = graph.call_function(compensate, (node, residual, weight, plan.site.op.weight_k_axis))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-    graph.lint()
-    gm.recompile()
-    return gm
+    return recompiled(gm, bool(clamped))

@@ -29,6 +29,7 @@ from torch import Tensor, fx
 
 from qpass.formats.api import quantization_step
 from qpass.passes.plan import SitePlan, split_width
+from qpass.passes.quantize import recompiled
 from qpass.passes.sites import weight_value
 from qpass.quantizer import Quantizer
 
@@ -118,6 +119,11 @@ def split_by_input(input_max: Tensor, ratio: float) -> ChannelSplit:
 # ---- the pass ----------------------------------------------------------------------------------
 
 
+def _split(plans: list[SitePlan]) -> list[SitePlan]:
+    """The plans whose site outlier channel splitting rewrites."""
+    return [plan for plan in plans if plan.excluded is None and plan.ocs is not None]
+
+
 def plan_split(plan: SitePlan, weight: Tensor, input_max: Tensor | None) -> ChannelSplit:
     """Input-driven when the site was planned with calibration statistics, weight-driven otherwise;
     ``weight`` is ``[N, K]``."""
@@ -137,9 +143,7 @@ def split_channels(
 ) -> dict[str, ChannelSplit]:
     """Rewrite every planned linear site's operands into their split form; returns the splits."""
     splits = {}
-    for plan in plans:
-        if plan.excluded is not None or plan.ocs is None:
-            continue
+    for plan in _split(plans):
         node = plan.site.node
         x, w = plan.site.op.operand_nodes(node)  # after the residual rotation: its weight
         weight = weight_value(w, parameters)
@@ -150,8 +154,7 @@ def split_channels(
         node.replace_input_with(x, new_x)
         node.replace_input_with(w, new_w)
         splits[plan.name] = split
-    gm.graph.lint()
-    gm.recompile()
+    recompiled(gm, bool(splits))
     return splits
 
 
@@ -160,16 +163,13 @@ def insert_observers(
 ) -> None:
     """For calibration: report the input of every site that OCS will split to ``observe(site, x)``.
     The graph then runs as Python (the observers are plain functions, not ops)."""
-    for plan in plans:
-        if plan.excluded is not None or plan.ocs is None:
-            continue
+    for plan in _split(plans):
         node = plan.site.node
         x, _ = plan.site.op.operand_nodes(node)
         with gm.graph.inserting_before(node):
             seen = gm.graph.call_function(_observer(plan.name, observe), (x,))
         node.replace_input_with(x, seen)
-    gm.graph.lint()
-    gm.recompile()
+    recompiled(gm, bool(_split(plans)))
 
 
 def _observer(site: str, observe: Callable[[str, Tensor], None]) -> Callable[[Tensor], Tensor]:

@@ -13,6 +13,15 @@ from torch import fx
 from qpass.passes.plan import SitePlan
 
 
+def recompiled(gm: fx.GraphModule, changed: bool) -> fx.GraphModule:
+    """``gm`` with its code regenerated where a pass changed its graph (an unchanged graph keeps
+    its code: regenerating it is most of a pass's time)."""
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
 def replace_node(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict | None = None) -> fx.Node:
     """A call of ``target`` in ``node``'s place, with its metadata."""
     with graph.inserting_after(node):
@@ -25,12 +34,9 @@ def replace_node(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: di
 
 def insert_quantizers(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
     """Rewrite every site of ``plans`` that is quantized and not packed."""
-    for plan in plans:
-        if plan.excluded is not None or plan.lowering == "packed":
-            continue
+    rewritten = [plan for plan in plans if plan.excluded is None and plan.lowering != "packed"]
+    for plan in rewritten:
         node = plan.site.node
         target, args, kwargs = plan.site.op.replace(node, [p.config for p in plan.products])
         replace_node(gm.graph, node, target, args, kwargs)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return recompiled(gm, bool(rewritten))
