@@ -93,7 +93,8 @@ _COMPILED = itertools.count()
 
 def _own_code(fn):
     """``fn`` with a code object of its own. Dynamo caches graphs per code object, with a limit of
-    8 per code object: one shared code object would make the 9th compiled model run eagerly."""
+    8 per code object: one shared code object would make the 9th compiled model run eagerly where
+    torch has no recompile regions (before 2.13), and crowds every model's lookups where it has."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COMPILED)}")
     return types.FunctionType(code, fn.__globals__, code.co_name)
 
