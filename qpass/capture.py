@@ -130,7 +130,7 @@ def install(model: nn.Module, state: QpassState, hooks: list | None = None) -> n
     ``hooks``: a copied model's own (its hook tables are copied with it)."""
     state.attach(model, hooks)
     if hooks is None:
-        state._hooks += [
+        state.hooks += [
             module.register_forward_pre_hook(_EagerWatch(name)) for name, module in _weight_holders(model)]
     model.__dict__["_compiled_call_impl"] = CompiledCall(model)
     return model
@@ -223,16 +223,17 @@ class _EagerWatch:
 torch._dynamo.eval_frame.skip_code(_EagerWatch.__call__.__code__)
 
 
-def _dynamo_decisions() -> tuple[int, set[str]]:
-    """Frames Dynamo failed to compile so far, and the reasons it gave for not compiling code."""
+def _dynamo_decisions() -> tuple[int, dict[str, int]]:
+    """Frames Dynamo failed to compile so far, and how often it gave each reason for not compiling
+    code (every call takes this snapshot: plain copies, the strings are read only after an alarm)."""
     counters = torch._dynamo.utils.counters
-    reasons = {f"{k}={n}" for group in ("unimplemented", "graph_break") for k, n in counters[group].items()}
-    return counters["frames"]["total"] - counters["frames"]["ok"], reasons
+    failed = counters["frames"]["total"] - counters["frames"]["ok"]
+    return failed, {**counters["unimplemented"], **counters["graph_break"]}
 
 
-def _cause(before: tuple[int, set[str]], after: tuple[int, set[str]]) -> str:
+def _cause(before: tuple[int, dict[str, int]], after: tuple[int, dict[str, int]]) -> str:
     """Why modules ran eagerly in this call, from what Dynamo counted during it."""
-    new = after[1] - before[1]
+    new = [reason for reason, count in after[1].items() if count != before[1].get(reason)]
     if any("recompile limit" in reason for reason in new):
         return ("Dynamo hit its recompile limit (torch._dynamo.config.recompile_limit) "
                 "and ran the frame eagerly")
@@ -274,14 +275,13 @@ def _reduce_state(state: QpassState):
     with states of its own), takes the delayed-scaling histories with it, applied as the copy's
     sites are found, and compiles the model's copy, which ``copy`` and ``pickle`` reach first (the
     state's arguments name it, so the copy's arguments name the model's copy)."""
-    args = (state.model, state.recipe, state.backend, dict(state.options), state.kernels, state._hooks,
+    args = (state.model, state.recipe, state.backend, dict(state.options), state.kernels, state.hooks,
             state.saved_tensors())
     return _restore_state, args
 
 
 def _restore_state(model, recipe, backend, options, kernels, hooks, tensors) -> QpassState:
-    state = QpassState(recipe, backend, options, kernels)
-    state._pending = tensors
+    state = QpassState(recipe, backend, options, kernels, pending=tensors)
     if model is not None:
         # The model's copy has copies of the hooks, which find this state; its __dict__ is filled
         # after this returns, by an update that keeps the compiled call.

@@ -39,14 +39,16 @@ class _Namespace(nn.Module):
 
 
 class QpassState(_Namespace):
-    def __init__(self, recipe, backend: str, options: dict, kernels: str = "reference"):
+    def __init__(
+        self, recipe, backend: str, options: dict, kernels: str = "reference", pending: dict | None = None
+    ):
         super().__init__()
         self.recipe = recipe
         self.backend = backend
         self.options = options  # torch.compile's (dynamic, fullgraph)
         self.kernels = kernels  # qpass.compile's kernels=: "auto", "triton", "interpret" or "reference"
         self._model = None  # weak reference to the model this state is attached to
-        self._hooks: list = []  # the model's state_dict hooks that save and load this state
+        self.hooks: list = []  # handles of the hooks on the model that go with this state
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph
         self.notes: list[str] = []  # what the passes said about whole graphs (residual rotation)
         self.calibration: dict[str, torch.Tensor] = {}  # site -> per-channel input max (qpass.calibrate)
@@ -55,7 +57,8 @@ class QpassState(_Namespace):
         self.graphs_captured = 0
         self.checked = False  # the first call's checks ran
         self._id = next(_HOLDER_IDS)
-        self._pending: dict[str, torch.Tensor] = {}  # loaded before the state they belong to exists
+        # Loaded (or copied) before the state they belong to exists.
+        self._pending: dict[str, torch.Tensor] = dict(pending or {})
 
     @property
     def model(self) -> nn.Module | None:
@@ -66,19 +69,20 @@ class QpassState(_Namespace):
         ``hooks``: the ones a copied model already has (its hook tables are copied with it)."""
         object.__setattr__(model, "_qpass", self)
         self._model = weakref.ref(model)
-        self._hooks = hooks if hooks is not None else [
+        self.hooks = hooks if hooks is not None else [
             model.register_state_dict_post_hook(_save_states),
             model.register_load_state_dict_pre_hook(_load_states),
         ]
 
     def detach_from(self, model: nn.Module) -> None:
-        for hook in self._hooks:
+        for hook in self.hooks:
             hook.remove()
         del model.__dict__["_qpass"]
 
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """Every delayed-scaling tensor, made or still pending, as a copy's state starts from."""
-        return {k: v.detach().clone() for k, v in {**self._pending, **self.state_dict()}.items()}
+    def saved_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Every delayed-scaling tensor, made or still pending (a copy's state starts from copies)."""
+        tensors = {**self._pending, **self.state_dict()}
+        return {k: v.detach().clone() for k, v in tensors.items()} if copy else tensors
 
     def record(self, plans, notes: list[str]) -> None:
         """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
@@ -132,7 +136,7 @@ class QpassState(_Namespace):
 # copied, before the first call) are saved too: a state_dict never drops them.
 def _save_states(module, state_dict, prefix, local_metadata) -> None:
     state = module.__dict__["_qpass"]
-    for key, value in {**state._pending, **state.state_dict()}.items():
+    for key, value in state.saved_tensors(copy=False).items():
         state_dict[prefix + STATE_PREFIX + key] = value
 
 

@@ -132,7 +132,7 @@ class OpKind:
     def product_roles(self, roles: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         return self.products if self.products is not None else (roles,)
 
-    def replace(self, node: fx.Node, configs: list) -> tuple[Callable, tuple, dict]:
+    def replacement_call(self, node: fx.Node, configs: list) -> tuple[Callable, tuple, dict]:
         """The call of the quantized form, with the node's current arguments."""
         bound = self.bind(node)
         args = tuple(bound[name] for name in self.arguments)

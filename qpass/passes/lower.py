@@ -51,10 +51,6 @@ class Target:
     on_cuda: bool = False
     frozen: bool = False
 
-    def __post_init__(self) -> None:
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"unknown kernels {self.kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
-
     @property
     def lowers(self) -> bool:
         """The graph gets the lowered structure (packed weights, kernel ops)."""
@@ -113,16 +109,6 @@ def _packed_weight(
            for quantizer in (q.b, q.a) if quantizer is not None):
         return None
     return weight
-
-
-def lowering(
-    plans: list[SitePlan], parameters: dict[fx.Node, torch.Tensor], target: Target
-) -> dict[str, str]:
-    """Analysis: site name -> ``"packed"`` or ``"kernels"`` for every quantized site of a lowered graph."""
-    return {
-        plan.name: KERNELS if _packed_weight(plan, parameters, target) is None else PACKED
-        for plan in plans if plan.excluded is None
-    }
 
 
 def _lowered(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Target) -> SitePlan:

@@ -37,6 +37,6 @@ def insert_quantizers(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModu
     rewritten = [plan for plan in plans if plan.excluded is None and plan.lowering != "packed"]
     for plan in rewritten:
         node = plan.site.node
-        target, args, kwargs = plan.site.op.replace(node, [p.config for p in plan.products])
+        target, args, kwargs = plan.site.op.replacement_call(node, [p.config for p in plan.products])
         replace_node(gm.graph, node, target, args, kwargs)
     return recompiled(gm, bool(rewritten))

@@ -14,7 +14,7 @@ import qpass
 from qpass import quantized
 from qpass.execution import Execution
 from qpass.passes import find_sites, insert_quantizers, plan_sites
-from qpass.passes.lower import KERNELS, PACKED, Target, lowering, pack_weights, plan_lowering
+from qpass.passes.lower import KERNELS, PACKED, Target, pack_weights, plan_lowering
 
 PACKED_LINEAR = torch.ops.qpass.packed_linear.default
 
@@ -47,6 +47,11 @@ def lower_to_kernels(gm, plans, parameters, frozen):
     pack_weights(gm, plans, parameters, target)
     insert_quantizers(gm, plans)
     return plans
+
+
+def lowering(plans, parameters, target):
+    """Site name -> how the lowering runs each quantized site."""
+    return {p.name: p.lowering for p in plan_lowering(plans, parameters, target) if p.excluded is None}
 
 
 def lowered_configs(gm):
