@@ -52,16 +52,52 @@ def dynamo_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
 
 
 def quantize_captured(
-    gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState, target: Target = Target()
+    gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState, target: Target = Target(),
+    model: nn.Module | None = None,
 ) -> None:
-    """Run the passes on one captured graph as ``state`` says, and record its plans there."""
+    """Run the passes on one captured graph as ``state`` says, and record its plans there;
+    ``model``: the model Dynamo traced it from (a torch.export graph is traced from its root)."""
     recipe = state.recipe
     new_state = state.delayed_scaling if recipe.scaling == "delayed" else None
     plans, notes = quantize_graph(
         gm, parameters, recipe, state.matched_globs, new_state, state.calibration, state.observe, target
     )
     if state.observe is None:
-        state.record(plans, notes)
+        state.record(plans if model is None else _placed(plans, model), notes)
+
+
+def _placed(plans: list, model: nn.Module) -> list:
+    """``plans``, with a note on each site whose module path does not name the module that ran it
+    in ``model``: a graph break inside a submodule makes Dynamo resume in that module's own frame,
+    whose sites are named relative to it, and whose graph runs for every instance the frame's
+    guards accept (every layer of a stack). Said in the report and in a warning, never silently."""
+    modules = {str(id(m)) for _, m in model.named_modules(remove_duplicate=False)}
+
+    def placed(site) -> bool:
+        # Dynamo keys the stack by the modules' ids. An op of the root module's own forward has no
+        # stack (nor, alas, one of a plain function a resumed frame calls: the two look alike).
+        stack = site.node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return True
+        if next(reversed(stack)) not in modules:
+            return False
+        try:
+            return str(id(model.get_submodule(site.module))) == next(reversed(stack))
+        except AttributeError:
+            return False
+
+    relative = [plan.name for plan in plans if not placed(plan.site)]
+    if not relative:
+        return plans
+    warnings.warn(
+        f"qpass: {type(model).__name__}'s graph broke inside a submodule: Dynamo resumed in that module's "
+        f"own frame, so the sites {', '.join(relative)} are named relative to it and their graph may run "
+        "for several modules (every layer): names, rules and exclusions by path do not reach them there "
+        "(qpass.report marks them)", stacklevel=5,
+    )
+    note = ("named relative to a frame Dynamo resumed after a graph break inside a submodule: this site may "
+            "stand for that module in every instance (e.g. every layer)")
+    return [plan.noted(note) if plan.name in relative else plan for plan in plans]
 
 
 class _Backend:
@@ -76,7 +112,7 @@ class _Backend:
         state = self._state()
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         target = Target(state.kernels, on_cuda, frozen=not torch.is_grad_enabled())
-        quantize_captured(gm, dynamo_parameters(gm), state, target)
+        quantize_captured(gm, dynamo_parameters(gm), state, target, state.model)
         if state.observe is not None:
             return gm.forward  # calibrating: the observers are Python functions in the graph
         return torch._dynamo.lookup_backend(state.backend)(gm, example_inputs)

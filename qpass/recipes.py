@@ -76,6 +76,10 @@ class GemmOverrides:
                 object.__setattr__(self, f.name, as_quantizer(value))
 
     @staticmethod
+    def _field(key: str) -> str:
+        return key.replace(".", "_")  # "wgrad.input" -> wgrad_input
+
+    @staticmethod
     def parse(value) -> GemmOverrides:
         """From a GemmOverrides or a dict keyed ``"gemm.role"``."""
         if isinstance(value, GemmOverrides):
@@ -84,31 +88,31 @@ class GemmOverrides:
         if unknown:
             raise ValueError(
                 f"unknown per_gemm keys {sorted(unknown)}; expected some of {', '.join(GEMM_ROLE_KEYS)}")
-        return GemmOverrides(**{key.replace(".", "_"): quantizer for key, quantizer in value.items()})
+        return GemmOverrides(**{GemmOverrides._field(key): quantizer for key, quantizer in value.items()})
 
     def items(self) -> list[tuple[str, Quantizer | None]]:
         return [(key, q) for key in GEMM_ROLE_KEYS
-                if (q := getattr(self, key.replace(".", "_"))) is not UNSET]
+                if (q := getattr(self, GemmOverrides._field(key))) is not UNSET]
 
     def __iter__(self):
         return iter(key for key, _ in self.items())
 
     def __contains__(self, key: str) -> bool:
-        return key in GEMM_ROLE_KEYS and getattr(self, key.replace(".", "_")) is not UNSET
+        return key in GEMM_ROLE_KEYS and getattr(self, GemmOverrides._field(key)) is not UNSET
 
     def __getitem__(self, key: str) -> Quantizer | None:
         if key not in self:
             raise KeyError(key)
-        return getattr(self, key.replace(".", "_"))
+        return getattr(self, GemmOverrides._field(key))
 
     def merged(self, other: GemmOverrides) -> GemmOverrides:
         """These overrides with ``other``'s set roles on top."""
-        return replace(self, **{key.replace(".", "_"): q for key, q in other.items()})
+        return replace(self, **{GemmOverrides._field(key): q for key, q in other.items()})
 
     def map(self, change) -> GemmOverrides:
         """Every set quantizer changed by ``change`` (None stays None)."""
         return replace(
-            self, **{key.replace(".", "_"): q if q is None else change(q) for key, q in self.items()})
+            self, **{GemmOverrides._field(key): q if q is None else change(q) for key, q in self.items()})
 
 
 @dataclass

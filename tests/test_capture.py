@@ -107,12 +107,36 @@ def test_a_suppressed_compile_error_warns(monkeypatch):
 
 
 def test_graph_breaks_alone_do_not_warn():
-    class Broken(UpDown):
-        def forward(self, x):
-            x = self.up(x)
-            torch._dynamo.graph_break()
-            return self.down(x)
-
     qm = qpass.compile(Broken(), "fp8-infer", backend="eager")
     assert qpass_warnings(lambda: qm(torch.randn(4, 64))) == []
     assert [row["site"] for row in qpass.report(qm).quantized] == ["up", "down"]
+
+
+class BreaksInside(nn.Module):
+    """Two layers whose forward breaks the graph: Dynamo resumes in the layer's own frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Broken(), Broken()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Broken(UpDown):
+    def forward(self, x):
+        x = self.up(x)
+        torch._dynamo.graph_break()
+        return self.down(x)
+
+
+def test_sites_of_a_frame_resumed_inside_a_submodule_are_marked_and_warned():
+    qm = qpass.compile(BreaksInside(), "fp8-infer", backend="eager")
+    messages = qpass_warnings(lambda: qm(torch.randn(4, 64)))
+    warned = [m for m in messages if "graph broke inside a submodule" in m and "named relative to it" in m]
+    assert warned, messages
+    report = qpass.report(qm)
+    relative = [row["site"] for row in report.rows if any("named relative" in note for note in row["notes"])]
+    assert relative and set(relative) <= {"up", "down"}  # not the layers' paths: said, not hidden

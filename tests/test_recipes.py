@@ -1,9 +1,13 @@
 """Recipes: the built-ins of SPEC section 8, overrides, and clear errors for bad ones."""
 
+import copy
+import pickle
+
 import pytest
 
 import qpass
 from qpass import Quantizer, Recipe, get_recipe
+from qpass.recipes import GemmOverrides
 
 SPEC_RECIPES = ["fp8-train", "mxfp8-train", "mxfp6-train", "fp4-train", "nvfp4-train", "mxfp4-train",
                 "fp8-infer", "mxfp8-infer", "mxfp6-infer", "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only"]
@@ -136,3 +140,15 @@ def test_nvfp4_and_mxfp4_train_rotations():
 def test_bad_recipes_are_named(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_typed_per_gemm_overrides_are_the_keyed_ones():
+    overrides = GemmOverrides(wgrad_input="mxfp8_e4m3", dgrad_weight=None)
+    typed = get_recipe("fp8-train").with_overrides(per_gemm=overrides)
+    keyed = get_recipe("fp8-train").with_overrides(**{"wgrad.input": "mxfp8_e4m3", "dgrad.weight": None})
+    assert typed.per_gemm == keyed.per_gemm
+    assert typed.quantizer("wgrad", "input") == Quantizer("mxfp8_e4m3")
+    assert typed.quantizer("dgrad", "weight") is None
+    assert typed.quantizer("wgrad", "grad_output") == Quantizer("fp8_e5m2")  # unset: the role's own
+    for twin in (copy.deepcopy(typed), pickle.loads(pickle.dumps(typed))):  # UNSET stays itself
+        assert twin.per_gemm == typed.per_gemm and list(twin.per_gemm) == ["dgrad.weight", "wgrad.input"]

@@ -250,8 +250,6 @@ KINDS: dict[str, OpKind] = {
         ),
     )
 }
-MATMUL_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "matmul")
-ATTENTION_KINDS = tuple(name for name, kind in KINDS.items() if kind.family == "attention")
 
 
 def op_kind(node: fx.Node) -> OpKind | None:

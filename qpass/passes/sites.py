@@ -163,7 +163,20 @@ def _out_features(site: Site) -> int | None:
     return weight.shape[0] if site.op.weight_k_axis == -1 else weight.shape[-1]
 
 
-def _traits(site: Site, matmuls: list[Site], embeddings: list[Site]) -> frozenset[str]:
+@dataclass(frozen=True)
+class _Vocabulary:
+    """What tells an output projection: the embeddings' weights (tied) and the largest vocabulary."""
+
+    weights: frozenset
+    size: int | None
+
+    @staticmethod
+    def of(embeddings: list[Site]) -> _Vocabulary:
+        sizes = [v.shape[0] for s in embeddings if (v := meta_value(s.operands[0])) is not None]
+        return _Vocabulary(frozenset(s.weights[0] for s in embeddings) - {None}, max(sizes, default=None))
+
+
+def _traits(site: Site, last_matmul: Site | None, vocabulary: _Vocabulary) -> frozenset[str]:
     """Integer products; the output projection (lm_head); MoE routers (a linear feeding a top-k)."""
     traits = set()
     value = meta_value(site.node)
@@ -171,13 +184,10 @@ def _traits(site: Site, matmuls: list[Site], embeddings: list[Site]) -> frozense
         traits.add("integer")
     if site.op.family != "matmul" or "weight" not in site.roles:
         return frozenset(traits)
-    embedding_weights = {s.weights[0] for s in embeddings} - {None}
-    vocabulary = max(
-        (v.shape[0] for s in embeddings if (v := meta_value(s.operands[0])) is not None), default=None)
-    tied = site.weights[site.roles.index("weight")] in embedding_weights
+    tied = site.weights[site.roles.index("weight")] in vocabulary.weights
     # Untied: the last matmul, projecting onto the largest embedding's vocabulary.
-    last_onto_vocabulary = (site is matmuls[-1] and vocabulary is not None
-                            and _out_features(site) == vocabulary)
+    last_onto_vocabulary = (site is last_matmul and vocabulary.size is not None
+                            and _out_features(site) == vocabulary.size)
     if tied or last_onto_vocabulary:
         traits.add("output_projection")
     if _downstream(site.node, lambda n: is_op(n, TOPK), ROUTER_OPS) is not None:
@@ -239,8 +249,8 @@ def find_sites(graph: fx.Graph, parameters: dict[fx.Node, torch.Tensor]) -> list
     _mark_attention(graph, sites)
     ordered = list(sites.values())
     matmuls = [s for s in ordered if s.op.family == "matmul"]
-    embeddings = [s for s in ordered if s.op.family == "embedding"]
+    vocabulary = _Vocabulary.of([s for s in ordered if s.op.family == "embedding"])
     # The output projection is the last matmul: identity, so compare before replacing any site.
-    traits = [_traits(site, matmuls, embeddings) for site in ordered]
+    traits = [_traits(site, matmuls[-1] if matmuls else None, vocabulary) for site in ordered]
     ordered = [replace(site, traits=t) for site, t in zip(ordered, traits)]
     return [replace(site, name=name) for site, name in zip(ordered, _names(ordered))]
