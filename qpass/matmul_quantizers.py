@@ -48,21 +48,29 @@ class MatmulQuantizers:
 
     # An operand rotated in either of its GEMMs differs between them: each rotates its own axis.
 
-    def _hoists(
-        self, forward: Quantizer | None, backward: Quantizer | None, backward_rotation: Rotation | None
-    ) -> bool:
-        if forward is None or self.rotation is not None:
-            return False
-        return self.reuse_forward or (self._same_per_tensor(forward, backward) and backward_rotation is None)
+    def _shares(self, forward: Quantizer | None, backward: Quantizer | None,
+                backward_rotation: Rotation | None) -> bool:
+        return (self._same_per_tensor(forward, backward) and self.rotation is None
+                and backward_rotation is None and not self.reuse_forward)
+
+    @property
+    def shares_a(self) -> bool:
+        """A is quantized per tensor identically in both its GEMMs: once, its codes serving both."""
+        return self._shares(self.a, self.db_a, self.db_rotation)
+
+    @property
+    def shares_b(self) -> bool:
+        return self._shares(self.b, self.da_b, self.da_rotation)
 
     @property
     def hoists_a(self) -> bool:
-        """A is quantized identically in both its GEMMs, so once, before the product (and saved so)."""
-        return self._hoists(self.a, self.db_a, self.db_rotation)
+        """The backward GEMMs take A as the forward quantized it (``reuse_forward``): quantized once,
+        before the product, and its quantized values saved."""
+        return self.reuse_forward and self.a is not None and self.rotation is None
 
     @property
     def hoists_b(self) -> bool:
-        return self._hoists(self.b, self.da_b, self.da_rotation)
+        return self.reuse_forward and self.b is not None and self.rotation is None
 
     @property
     def shares_grad(self) -> bool:
@@ -78,7 +86,8 @@ class MatmulQuantizers:
         """Per operand (``a``, ``b``, ``grad``): whether it is quantized once per step, the condition
         for a delayed-scaling state, which records one amax per step."""
         inference = not self.quantizes_backward
-        return {"a": self.hoists_a or inference, "b": self.hoists_b or inference, "grad": self.shares_grad}
+        return {"a": self.hoists_a or self.shares_a or inference, "b": self.hoists_b or self.shares_b or inference,
+                "grad": self.shares_grad}
 
     def to_json(self) -> str:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -27,6 +27,7 @@ from torch import Tensor
 from qpass.einsum import einsum_layout
 from qpass.execution import Execution
 from qpass.matmul_quantizers import MatmulQuantizers
+from qpass.ops.matmul import quantized_matmul
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 
@@ -77,7 +78,7 @@ def product(a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
         a = qdq(a, q.a, -1, run.a_state, kernels=run.kernels)
     if q.hoists_b:
         b = qdq(b, q.b, -2, run.b_state, kernels=run.kernels)
-    return torch.matmul(a, b) if op_config is None else torch.ops.qpass.quantized_matmul(a, b, *op_config)
+    return torch.matmul(a, b) if op_config is None else quantized_matmul(a, b, *op_config)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None, config: ProductConfig) -> Tensor:

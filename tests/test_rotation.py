@@ -12,6 +12,7 @@ from qpass import Hadamard, Quantizer, Rotation
 from qpass.execution import REFERENCE
 from qpass.hadamard import hadamard_matrix
 from qpass.matmul_quantizers import MatmulQuantizers
+from qpass.ops.matmul import quantized_matmul
 from qpass.rotation import resolve
 
 F64 = dict(dtype=torch.float64)
@@ -131,7 +132,7 @@ def test_quantized_matmul_rotates_each_gemm_along_its_own_axis(rotations):
     a = adversarial(2, 6, 40, seed=0).requires_grad_()  # K = 40 and M = 12: padded blocks
     w = adversarial(64, 40, seed=1).requires_grad_()
     dy = adversarial(2, 6, 64, seed=2)
-    y = torch.ops.qpass.quantized_matmul(a, w.mT, q.to_json(), REFERENCE.to_json())
+    y = quantized_matmul(a, w.mT, q.to_json(), REFERENCE.to_json())
     y.backward(dy)
     y_ref, da_ref, dwt_ref = rotated_oracle(a, w.mT, dy, q, specs)
     assert_same(y, y_ref)
@@ -139,12 +140,12 @@ def test_quantized_matmul_rotates_each_gemm_along_its_own_axis(rotations):
     assert_same(w.grad, dwt_ref.mT)
 
 
-def test_a_rotated_operand_is_not_hoisted():
+def test_a_rotated_operand_is_not_shared_between_its_gemms():
     e4m3 = Quantizer("fp8_e4m3")
     q = MatmulQuantizers(a=e4m3, b=e4m3, db_a=e4m3, da_b=e4m3)
-    assert q.hoists_a and q.hoists_b
+    assert q.shares_a and q.shares_b
     rotated = MatmulQuantizers(a=e4m3, b=e4m3, db_a=e4m3, da_b=e4m3, rotation=Rotation(16))
-    assert not rotated.hoists_a and not rotated.hoists_b
+    assert not rotated.shares_a and not rotated.shares_b
 
 
 # ---- recipes ---------------------------------------------------------------------------------------

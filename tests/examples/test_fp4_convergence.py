@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from no_quantization import quantization_off
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY, RESULTS = ROOT / "examples" / "fp4_convergence.py", ROOT / "bench" / "RESULTS.md"
@@ -95,20 +96,16 @@ def test_short_study_orders_the_recipes(short_study):
         assert fp4 < 0.995 * by_run[ablation]["heldout_loss"], ablation
 
 
-def test_with_identity_quantizers_a_quantized_run_is_the_baseline(monkeypatch):
+def test_with_identity_quantizers_a_quantized_run_is_the_baseline():
     """What docs/fp4_training.md leans on when the quantized runs end below fp32: the qpass path
     itself (passes, custom ops, their backward) changes nothing; only the quantizers do."""
-    import qpass.ops.qdq
-
     demo = load_study().demo
     args = demo.parse_args(["--steps", "30", "--layers", "1", "--hidden", "64", "--batch", "4", "--seq", "64",
                             "--schedule", "cosine"])
     batches, _ = demo.make_batches(*demo.load_bytes(), args)
     initial = demo.build_model(args)
-    monkeypatch.setattr(
-        qpass.ops.qdq, "quantize_operand", lambda quantizer, x, axis, *rest, **options: x.detach().clone()
-    )
-    losses = {
-        run: demo.train(demo.prepare(initial, run), run, batches, args)[0] for run in ("fp32", "fp8-train")
-    }
+    with quantization_off():
+        losses = {
+            run: demo.train(demo.prepare(initial, run), run, batches, args)[0] for run in ("fp32", "fp8-train")
+        }
     assert losses["fp8-train"] == losses["fp32"]

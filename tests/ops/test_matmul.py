@@ -8,6 +8,7 @@ from spec6 import Spec6Product, adversarial, assert_same
 from qpass import Quantizer
 from qpass.execution import Execution
 from qpass.matmul_quantizers import MatmulQuantizers
+from qpass.ops.matmul import quantized_matmul
 
 FIELDS = ("a", "b", "da_grad", "da_b", "db_grad", "db_a")
 MX8 = {"format": "mxfp8_e4m3", "scale_mode": "rceil"}
@@ -42,7 +43,7 @@ def test_linear_product_matches_spec6(case, k):
     dy = adversarial(2, 5, 24, seed=2)
     a_ref, w_ref = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
 
-    y = torch.ops.qpass.quantized_matmul(a, w.mT, *op_config(specs))
+    y = quantized_matmul(a, w.mT, *op_config(specs))
     y.backward(dy)
     y_ref = Spec6Product.apply(a_ref, w_ref.mT, specs)
     y_ref.backward(dy)
@@ -57,7 +58,7 @@ def test_batched_product_matches_spec6():
     b = adversarial(3, 48, 40, seed=4).requires_grad_()
     dy = adversarial(3, 6, 40, seed=5)
     a_ref, b_ref = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    torch.ops.qpass.quantized_matmul(a, b, *op_config(specs)).backward(dy)
+    quantized_matmul(a, b, *op_config(specs)).backward(dy)
     Spec6Product.apply(a_ref, b_ref, specs).backward(dy)
     assert_same(a.grad, a_ref.grad)
     assert_same(b.grad, b_ref.grad)
@@ -66,26 +67,27 @@ def test_batched_product_matches_spec6():
 def test_a_non_finite_value_makes_its_groups_nan():
     a = torch.randn(4, 64)
     a[1, 3] = float("inf")
-    y = torch.ops.qpass.quantized_matmul(a, torch.randn(64, 8), *op_config(CASES["mxfp8"]))
+    y = quantized_matmul(a, torch.randn(64, 8), *op_config(CASES["mxfp8"]))
     assert y[1].isnan().all() and y[[0, 2, 3]].isfinite().all()
 
 
 def test_gradients_not_needed_are_not_computed():
     a, w = torch.randn(4, 64), torch.randn(8, 64, requires_grad=True)
-    torch.ops.qpass.quantized_matmul(a, w.mT, *op_config(CASES["mxfp8"])).sum().backward()
+    quantized_matmul(a, w.mT, *op_config(CASES["mxfp8"])).sum().backward()
     assert w.grad.shape == w.shape and a.grad is None
+    nothing = [torch.empty(0)] * 3
     da, db = torch.ops.qpass.quantized_matmul_backward(
-        torch.ones(4, 8), a, w.mT, *op_config(CASES["mxfp8"]), False, True)
+        torch.ones(4, 8), a, w.mT, nothing, nothing, [4, 64], [64, 8], torch.float32, torch.float32, *op_config(CASES["mxfp8"]), False, True)
     assert da.numel() == 0 and db.shape == (64, 8)
 
 
 def test_bf16_operands_accumulate_in_fp32():
     a, w = torch.randn(4, 64), torch.randn(8, 64)
     config = op_config(CASES["mxfp8"])
-    y16 = torch.ops.qpass.quantized_matmul(a.bfloat16(), w.bfloat16().mT, *config)
+    y16 = quantized_matmul(a.bfloat16(), w.bfloat16().mT, *config)
     # MX E4M3 values are exact in bf16, so the only difference is the output's rounding.
     assert y16.dtype == torch.bfloat16
-    assert torch.equal(y16, torch.ops.qpass.quantized_matmul(
+    assert torch.equal(y16, quantized_matmul(
         a.bfloat16().float(), w.bfloat16().float().mT, *config).bfloat16())
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import fx
 
-import qpass.ops.qdq
 from qpass.capture import dynamo_parameters
 
 
@@ -45,18 +43,3 @@ def count_calls(gm: fx.GraphModule, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-@contextlib.contextmanager
-def quantization_off():
-    """The quantized graph's ops with every quantizer the identity (rotations still applied), in the
-    input's own dtype: what is left is the transforms, which must preserve the function exactly."""
-    def identity(quantizer, x, axis, state="", rotation=None, signs=None, kernels=False):
-        x = x.detach()
-        return (x.clone() if rotation is None
-                else rotation(x, axis, signs=None if signs is None else signs.to(x.dtype)))
-
-    original = qpass.ops.qdq.quantize_operand
-    qpass.ops.qdq.quantize_operand = identity
-    try:
-        yield
-    finally:
-        qpass.ops.qdq.quantize_operand = original

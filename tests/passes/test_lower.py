@@ -156,9 +156,9 @@ def test_lowered_training_graph_runs_the_triton_kernels(monkeypatch):
     """mxfp8-train's operands quantized by the kernels in all three GEMMs: the same bits."""
     import qpass.codegen as codegen
 
-    calls, fake_quantize = [], codegen.fake_quantize
+    calls, quantize = [], codegen.quantize
     monkeypatch.setattr(
-        codegen, "fake_quantize", lambda *args, **kwargs: calls.append(1) or fake_quantize(*args, **kwargs))
+        codegen, "quantize", lambda *args, **kwargs: calls.append(1) or quantize(*args, **kwargs))
     model, x = nn.Sequential(nn.Linear(64, 32)), torch.randn(4, 64)
     reference, reference_grads = run(model, "mxfp8-train", "reference", x, grad=True)
     assert not calls

@@ -1,0 +1,138 @@
+"""The scaled GEMM: ``X · Yᵀ`` of two operands quantized along their reduction axis (SPEC section 9).
+
+Every quantized GEMM of qpass runs through :func:`scaled_gemm`, which picks a route per call from the
+operands' formats and the device:
+
+- ``scaled_mm tensorwise`` / ``scaled_mm rowwise``: torch's ``_scaled_mm`` (cuBLASLt on CUDA; on the
+  CPU, fp32 products of the decoded codes) for fp8 operands with per-tensor or per-row scales;
+- ``triton``: qpass's dequantize-in-registers kernel on a GPU, for the block-scaled formats that no
+  torch scaled matmul on that device takes;
+- ``reference: <why>``: dequantize both, fp32 matmul, for what no GEMM takes.
+
+All three give the same sums; on the CPU the first and the last agree bit for bit. A ``_scaled_mm``
+call is checked against the constraints cuBLASLt puts on it (:func:`cuda_rejects`) on every device,
+so the CPU catches a call a GPU would refuse; where alignment is all it lacks, the operands are
+zero-padded along K and N (which changes no sum) and the result cut back.
+``qpass::scaled_gemm`` is the op that graphs hold (a fake implementation for tracing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qpass.gemm_operand import TORCH_DTYPES, GemmOperand
+from qpass.quantizer import Quantizer
+
+Operand = GemmOperand | Tensor  # a Tensor: a high-precision operand, reduction axis last
+SCALED_MM_ALIGNMENT = 16  # K and N of a cuBLASLt FP8 GEMM (sm89/sm90)
+SM90 = (9, 0)  # the constraints the CPU checks calls against: those of an H100
+
+
+def _scaled_mm_scaling(quantizer: Quantizer | None) -> str | None:
+    """"tensorwise" or "rowwise" where ``_scaled_mm`` takes the quantizer's operands, else None."""
+    if quantizer is None or quantizer.spec.element.name not in TORCH_DTYPES:
+        return None
+    spec = quantizer.spec
+    if spec.scaling != "absmax":
+        return None
+    return {"tensor": "tensorwise", "channel": "rowwise"}.get(spec.granularity)
+
+
+def route(a: Quantizer | None, b: Quantizer | None, device: torch.device | str = "cpu",
+          batched: bool = False) -> str:
+    """Which GEMM runs ``X · Yᵀ`` for operands quantized by ``a`` and ``b`` (None: high precision)."""
+    if a is None or b is None:
+        return "reference: a high-precision operand"
+    scaling_a, scaling_b = _scaled_mm_scaling(a), _scaled_mm_scaling(b)
+    if scaling_a and scaling_a == scaling_b:
+        if batched:
+            return "reference: batched operands (no batched scaled_mm)"
+        if torch.device(device).type == "cuda" and a.spec.element.name == b.spec.element.name == "fp8_e5m2":
+            return "reference: e5m2 x e5m2 (cuBLASLt takes no such FP8 GEMM)"
+        return f"scaled_mm {scaling_a}"
+    if torch.device(device).type == "cuda" and not batched:
+        return "triton"
+    if scaling_a and scaling_b:
+        return "reference: mixed tensorwise and rowwise scales"
+    return f"reference: no scaled GEMM on {torch.device(device).type} takes {a} x {b}"
+
+
+def cuda_rejects(x: Tensor, y_t: Tensor, scale_x: Tensor, scale_y: Tensor, out_dtype: torch.dtype,
+                 bias: Tensor | None = None, capability: tuple[int, int] = SM90) -> str | None:
+    """Why cuBLASLt (PyTorch's ``ScaledBlas.cpp``) would refuse ``_scaled_mm(x, y_t, ...)`` on a GPU of
+    ``capability`` (None: it takes it)."""
+    if capability < (8, 9):
+        return f"FP8 GEMMs need sm89 or later, not sm{capability[0]}{capability[1]}"
+    if x.ndim != 2 or y_t.ndim != 2:
+        return "operands must be matrices"
+    if x.stride(-1) != 1 or y_t.stride(0) != 1:
+        return "A must be row-major and B column-major"
+    if x.dtype == y_t.dtype == torch.float8_e5m2:
+        return "e5m2 x e5m2 is not supported"
+    (m, k), n = x.shape, y_t.shape[1]
+    if k % SCALED_MM_ALIGNMENT or n % SCALED_MM_ALIGNMENT:
+        return f"K ({k}) and N ({n}) must be multiples of {SCALED_MM_ALIGNMENT}"
+    if bias is not None and out_dtype not in (torch.bfloat16, torch.float16):
+        return "a bias needs a bf16 or fp16 output"
+    rowwise = scale_x.numel() > 1 or scale_y.numel() > 1
+    if rowwise and (scale_x.shape != (m, 1) or scale_y.shape != (1, n)):
+        return f"rowwise scales must be ({m}, 1) and (1, {n}), got {tuple(scale_x.shape)}, {tuple(scale_y.shape)}"
+    return None
+
+
+def _padded(operand: GemmOperand, rows: int, k: int) -> tuple[Tensor, Tensor]:
+    """Codes zero-padded to ``rows x k`` and scales to ``rows`` (padding rows scale by 1: they are 0)."""
+    codes, scales = operand.codes, operand.scales
+    if codes.shape != (rows, k):
+        codes = F.pad(codes.view(torch.uint8), (0, k - codes.shape[1], 0, rows - codes.shape[0])).view(codes.dtype)
+    if scales.numel() > 1 and scales.shape[0] != rows:
+        scales = F.pad(scales, (0, 0, 0, rows - scales.shape[0]), value=1.0)
+    return codes, scales
+
+
+def _scaled_mm(x: GemmOperand, y: GemmOperand, out_dtype: torch.dtype) -> Tensor:
+    """``x · yᵀ`` by ``torch._scaled_mm``, padded to cuBLASLt's alignment where only that is missing."""
+    m, n = x.rows, y.rows
+    k = x.codes.shape[-1]
+    align = lambda size: -(-size // SCALED_MM_ALIGNMENT) * SCALED_MM_ALIGNMENT  # noqa: E731
+    x_codes, x_scales = _padded(x, m, align(k))
+    y_codes, y_scales = _padded(y, align(n), align(k))
+    y_t, y_scales = y_codes.t(), y_scales.reshape(1, -1) if y_scales.numel() > 1 else y_scales
+    device = x_codes.device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else SM90
+    why = cuda_rejects(x_codes, y_t, x_scales, y_scales, out_dtype, capability=capability)
+    if why is not None:  # route() sent only what fits: a refusal here is qpass's bug, not the user's
+        raise RuntimeError(f"qpass built a _scaled_mm call that cuBLASLt rejects: {why}")
+    out = torch._scaled_mm(x_codes, y_t, scale_a=x_scales, scale_b=y_scales, out_dtype=out_dtype)
+    return out[:, :n]
+
+
+def _values(operand: Operand) -> Tensor:
+    return operand.dequantize() if isinstance(operand, GemmOperand) else operand
+
+
+def _quantizer(operand: Operand) -> Quantizer | None:
+    return operand.quantizer if isinstance(operand, GemmOperand) else None
+
+
+def scaled_gemm(x: Operand, y: Operand, out_dtype: torch.dtype) -> Tensor:
+    """``x [..., P, K] · y [..., Q, K]ᵀ`` accumulated in fp32, in ``out_dtype``: ``[..., P, Q]``."""
+    batched = max(_values_ndim(x), _values_ndim(y)) > 2
+    chosen = route(_quantizer(x), _quantizer(y), _device(x), batched)
+    if chosen.startswith("scaled_mm"):
+        return _scaled_mm(x, y, out_dtype)
+    if chosen == "triton":
+        from qpass.codegen.scaled_gemm import scaled_gemm as triton_scaled_gemm  # imports triton
+
+        return triton_scaled_gemm(x, y, out_dtype)
+    return torch.matmul(_values(x), _values(y).mT).to(out_dtype)
+
+
+def _values_ndim(operand: Operand) -> int:
+    return (operand.codes if isinstance(operand, GemmOperand) else operand).ndim
+
+
+def _device(operand: Operand) -> torch.device:
+    return (operand.codes if isinstance(operand, GemmOperand) else operand).device
