@@ -18,12 +18,16 @@ from qpass.matmul_quantizers import MatmulQuantizers
 class Execution(JsonTuple):
     """``kernels``: the operands are quantized by qpass's generated Triton kernels (CUDA, or Triton's
     interpreter), else by the reference numerics. ``a_state``, ``b_state``, ``grad_state``: keys of
-    the delayed-scaling states (:mod:`qpass.ops.registry`) of per-tensor operands ("" for none)."""
+    the delayed-scaling states (:mod:`qpass.ops.registry`) of per-tensor operands ("" for none).
+    ``a_codes``, ``b_codes``: backward is saved the operand's low-precision codes where its backward
+    GEMM can use them, else the operand itself (a weight: its parameter, which costs no memory)."""
 
     kernels: bool = False
     a_state: str = ""
     b_state: str = ""
     grad_state: str = ""
+    a_codes: bool = True
+    b_codes: bool = True
 
     def check(self, quantizers: MatmulQuantizers) -> Execution:
         """``self``, if its states fit ``quantizers``: a state records one amax per step, so its

@@ -54,7 +54,7 @@ def qdq(
 
 
 @functools.lru_cache(maxsize=None)
-def _without_hoisted(config: ProductConfig) -> tuple[MatmulQuantizers, Execution, ProductConfig | None]:
+def without_hoisted(config: ProductConfig) -> tuple[MatmulQuantizers, Execution, ProductConfig | None]:
     """The product's quantizers and execution, and the op's config once hoisted operands are taken
     out (None: no op)."""
     q, run = MatmulQuantizers.from_json(config[0]), Execution.from_json(config[1])
@@ -70,7 +70,7 @@ def _without_hoisted(config: ProductConfig) -> tuple[MatmulQuantizers, Execution
 
 def product(a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
     """``A [..., M, K] · B [..., K, N]`` quantized as ``config`` says."""
-    q, run, op_config = _without_hoisted(config)
+    q, run, op_config = without_hoisted(config)
     if not q.quantizes_backward:
         a = qdq(a, q.a, -1, run.a_state, q.rotation, run.kernels)
         return torch.matmul(a, qdq(b, q.b, -2, run.b_state, q.rotation, run.kernels))

@@ -285,6 +285,14 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
             description="E4M3 input/weight, E5M2 grad_output, per-tensor scales (FP8-LM, TE HYBRID)",
         ),
         Recipe(
+            # Each GEMM's operands scaled per row along its own reduction axis: the forward per
+            # token x per output channel, dgrad and wgrad per row of dY and of W or X (torchao's
+            # float8 "rowwise"); all of it runs on _scaled_mm's rowwise FP8 GEMM.
+            "fp8-rowwise-train", **_all(_PER_CHANNEL_E4M3),
+            description="E4M3 for every operand, one scale per row along each GEMM's reduction axis "
+            "(torchao float8 rowwise)",
+        ),
+        Recipe(
             "mxfp8-train", **_all(Quantizer("mxfp8_e4m3", scale_mode="rceil")),
             description="MXFP8 E4M3 for every operand of every GEMM, rceil scales (arXiv 2506.08027)",
         ),

@@ -52,7 +52,7 @@ def _reduction(row: dict) -> str:
 
 def _describe(row: dict) -> str:
     """``role=format`` per operand role (``gemm.role=format`` only where the GEMMs of a role
-    differ), then what the rotation and splitting passes did."""
+    differ), which GEMM runs them, then what the rotation and splitting passes did."""
     notes = "".join(f"; {note}" for note in row["notes"])
     if not row["quantized"]:
         return f"excluded: {row['reason']}{notes}"
@@ -66,7 +66,8 @@ def _describe(row: dict) -> str:
             parts.append(f"{role}={next(iter(per_gemm.values()))}")
         else:
             parts += [f"{gemm}.{role}={fmt}" for gemm, fmt in per_gemm.items()]
-    return " ".join(parts) + notes
+    gemm = f"; gemm: {row['gemm']}" if row["gemm"] else ""
+    return " ".join(parts) + gemm + notes
 
 
 def _row(plan: SitePlan) -> dict:
@@ -86,6 +87,7 @@ def _row(plan: SitePlan) -> dict:
         "reason": plan.excluded,
         "extra_channels": plan.extra_channels,
         "backend": plan.backend or None,  # which implementation runs it (None: excluded)
+        "gemm": plan.gemms or None,  # which GEMM runs each of its GEMMs (None: excluded)
         "notes": list(plan.notes),
     }
 

@@ -21,15 +21,15 @@ def quantization_off():
     def identity_operand(quantizer, x, axis, state="", rotation=None, signs=None, kernels=False):
         return identity(quantizer, x, axis, state, rotation, signs).movedim(axis, -1)
 
-    # Nothing quantized, nothing saved quantized: backward "quantizes" the saved inputs, unchanged.
-    def nothing_saved(quantizers):
-        return False, False
+    # No operand quantized ahead of a product, so none saved quantized: each GEMM "quantizes" its
+    # operands from the high-precision tensors, unchanged.
+    def nothing_ahead(quantizer, x, axis, kernels, state="", rotation=None):
+        return []
 
     matmul = qpass.ops.matmul
-    originals = qpass.ops.qdq.quantize_operand, matmul.operand, matmul.saved_in_low_precision
-    qpass.ops.qdq.quantize_operand, matmul.operand, matmul.saved_in_low_precision = (
-        identity, identity_operand, nothing_saved)
+    originals = qpass.ops.qdq.quantize_operand, matmul.operand, matmul.quantize_ahead
+    qpass.ops.qdq.quantize_operand, matmul.operand, matmul.quantize_ahead = identity, identity_operand, nothing_ahead
     try:
         yield
     finally:
-        qpass.ops.qdq.quantize_operand, matmul.operand, matmul.saved_in_low_precision = originals
+        qpass.ops.qdq.quantize_operand, matmul.operand, matmul.quantize_ahead = originals

@@ -1,7 +1,9 @@
 """The test oracle: SPEC section 6 written out by hand with ``qpass.fake_quantize``.
 
 Independent of qpass.ops: one autograd function per product ``A · B`` whose backward computes
-``dA = Q(dY along N) · Q(B along N)ᵀ`` and ``dB = Q(A along M)ᵀ · Q(dY along M)`` in fp32.
+``dA = Q(dY along N) · Q(B along N)ᵀ`` and ``dB = Q(A along M)ᵀ · Q(dY along M)`` in fp32. Each GEMM
+multiplies row-major matrices: at small sizes an fp32 GEMM's rounding depends on its operands'
+layout, and row-major is how the CPU's ``_scaled_mm`` (and so qpass) multiplies.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ class Spec6Product(torch.autograd.Function):
     def backward(ctx, dy):
         a, b = ctx.saved_tensors
         s = ctx.specs
-        da = (fq(dy, s["da_grad"], -1) @ fq(b, s["da_b"], -1).mT).sum_to_size(a.shape)
+        da = (fq(dy, s["da_grad"], -1) @ fq(b, s["da_b"], -1).mT.contiguous()).sum_to_size(a.shape)
         if b.ndim == 2:  # a weight shared by every row: M is all leading dimensions of A
             a, dy = a.reshape(-1, a.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        db = (fq(a, s["db_a"], -2).mT @ fq(dy, s["db_grad"], -2)).sum_to_size(b.shape)
+        db = (fq(a, s["db_a"], -2).mT.contiguous() @ fq(dy, s["db_grad"], -2)).sum_to_size(b.shape)
         return da.to(a.dtype), db.to(b.dtype), None
 
 

@@ -120,6 +120,7 @@ def _infer(fmt):
 
 EXPECTED_FORMATS = {
     "fp8-train": _train(_E4M3, _E5M2),
+    "fp8-rowwise-train": _train("fp8_e4m3(channel)"),
     "mxfp8-train": _train("mxfp8_e4m3(rceil)"),
     "mxfp6-train": _train("mxfp6_e3m2"),
     "fp8-infer": _infer("fp8_e4m3(channel)"),
@@ -164,7 +165,7 @@ EXPECTED_FORMATS = {
 # nvfp4 16x16 tiles 19.1 (the coarser of nvfp4-train's two forward operands), mxfp4 rceil 18.7; and
 # for their backward, stochastic rounding: nvfp4 17.2, mxfp4 rceil 15.7.
 ELEMENT_QSNR = {
-    "fp8-train": 31.6, "mxfp8-train": 30.7, "mxfp6-train": 25.4,
+    "fp8-train": 31.6, "fp8-rowwise-train": 31.6, "mxfp8-train": 30.7, "mxfp6-train": 25.4,
     "fp4-train": 19.7, "nvfp4-train": 19.1, "mxfp4-train": 18.7,
     "fp8-infer": 31.6, "mxfp8-infer": 30.7, "mxfp6-infer": 30.9,
     "mxfp4-infer": 18.8, "nvfp4-infer": 20.4, "mxfp4-weight-only": 18.8,
@@ -188,7 +189,7 @@ def qsnr_floor(recipe: str, attention: bool = False) -> float:
 # dgrad and wgrad GEMMs, grad_output in GRAD_ELEMENT_QSNR's format (fp8-train: E5M2, 25.6 dB): a
 # gradient then carries the 8 forward stages' errors and as many backward stages', -10*log10(16) =
 # -12 dB, from the coarser of its formats. Measured gradients sit 4-15 dB above these floors.
-GRAD_ELEMENT_QSNR = {"fp8-train": 25.6, "mxfp8-train": 30.7, "mxfp6-train": 25.4,
+GRAD_ELEMENT_QSNR = {"fp8-train": 25.6, "fp8-rowwise-train": 31.6, "mxfp8-train": 30.7, "mxfp6-train": 25.4,
                      "fp4-train": 25.6, "nvfp4-train": 17.2, "mxfp4-train": 15.7}
 
 

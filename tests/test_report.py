@@ -43,14 +43,27 @@ def test_table():
     lines = text.splitlines()
     assert lines[0] == "qpass report: recipe mxfp4-infer, 1 of 3 sites quantized"
     assert lines[1].split() == ["site", "kind", "K", "quantization"]
-    assert lines[3].split() == ["mlp", "linear", "64", "input=mxfp4+hadamard-block32",
-                                "weight=mxfp4+hadamard-block32"]
+    formats, gemm = lines[3].split("; gemm: ")
+    assert formats.split() == ["mlp", "linear", "64", "input=mxfp4+hadamard-block32",
+                               "weight=mxfp4+hadamard-block32"]
+    assert gemm.startswith("reference: quantize-dequantize")
     assert "excluded: final output projection (lm_head)" in lines[4]
 
 
 def test_gemms_that_differ_are_listed_apart():
     text = str(qpass.report(compiled("fp8-train", **{"wgrad.input": "mxfp8_e4m3"})))
     assert "fprop.input=fp8_e4m3 wgrad.input=mxfp8_e4m3 weight=fp8_e4m3 grad_output=fp8_e5m2" in text
+
+
+def test_each_site_says_which_gemm_runs_it():
+    rows = {name: qpass.report(compiled(name)).quantized[0]["gemm"]
+            for name in ("fp8-train", "fp8-rowwise-train", "mxfp8-train")}
+    assert rows["fp8-train"] == "scaled_mm tensorwise"
+    assert rows["fp8-rowwise-train"] == "scaled_mm rowwise"
+    # No CPU kernel takes MX block scales: the reference, and the reason.
+    assert rows["mxfp8-train"] == "reference: no scaled GEMM on cpu takes mxfp8_e4m3(rceil) x mxfp8_e4m3(rceil)"
+    mixed = qpass.report(compiled("fp8-train", **{"wgrad.input": "mxfp8_e4m3"})).quantized[0]["gemm"]
+    assert mixed.startswith("fprop scaled_mm tensorwise; dgrad scaled_mm tensorwise; wgrad reference: ")
 
 
 def test_before_the_first_call():

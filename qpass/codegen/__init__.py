@@ -3,7 +3,8 @@
 Importing this package needs ``triton`` (the ``qpass[triton]`` extra). The kernels are specialized
 per format spec (:mod:`qpass.codegen.spec`), written with the bit-exact device functions of
 :mod:`qpass.codegen.numerics`, and checked against :mod:`qpass.formats` bit for bit (on the CPU
-under ``TRITON_INTERPRET=1``).
+under ``TRITON_INTERPRET=1``). Each function launches through a ``qpass_codegen::`` op
+(``torch.library.triton_op``), so torch.compile sees the kernels inside it.
 """
 
 from qpass.codegen.matmul import weight_matmul

@@ -30,9 +30,11 @@ from qpass.formats.swizzle import swizzle_scales
 from qpass.gemm_operand import TORCH_DTYPES, GemmOperand
 from qpass.quantizer import Quantizer
 
-TENSOR, CHANNEL, BLOCK = 0, 1, 2  # spec.GRANULARITIES indices
-ABSMAX, MX, NVFP4 = 0, 1, 2  # spec.SCALINGS indices
-TILE = 64  # the tiles' side, widened to a block that is wider
+# spec.GRANULARITIES and spec.SCALINGS indices, as tl.constexpr objects: the kernels read them, and
+# Triton's compiler reads no other globals (plain ints pass in the interpreter, fail on a GPU).
+TENSOR, CHANNEL, BLOCK = (tl.constexpr(i) for i in range(3))
+ABSMAX, MX, NVFP4 = (tl.constexpr(i) for i in range(3))
+TILE = 64  # the tiles' side, widened to a block that is wider (host only: a launch argument)
 CONSTEXPRS = (
     "EBITS", "MBITS", "EMIN", "EMAX", "MAX_NORMAL", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING",
     "GRANULARITY", "GROUP", "SCALE_MODE", "POW2",
@@ -258,8 +260,8 @@ def quantize_for_gemm(
         codes_t, scales_t, padded_t = _empty_operand(spec, quantizer.spec, batch * length, rows, device)
     amaxes = [torch.zeros(n, dtype=torch.int32, device=device) for n in (1, batch * rows, batch * length)]
     flags = dict(
-        TENSOR_AMAX=spec.GRANULARITY == TENSOR or spec.SCALING == NVFP4,
-        ROW_AMAX=spec.GRANULARITY == CHANNEL, COL_AMAX=spec.GRANULARITY == CHANNEL and transposed,
+        TENSOR_AMAX=bool(spec.GRANULARITY == TENSOR or spec.SCALING == NVFP4),  # bools, not constexprs
+        ROW_AMAX=bool(spec.GRANULARITY == CHANNEL), COL_AMAX=bool(spec.GRANULARITY == CHANNEL and transposed),
     )
     block = max(TILE, spec.GROUP)
     grid = (triton.cdiv(length, block), triton.cdiv(rows, block), batch)

@@ -64,16 +64,27 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from qpass.codegen import numerics as nm
-from qpass.codegen.quantize import _amax_kernel, _as_3d, _draw_seed, _grid, _load_tile, _quantize_tile
+from qpass.codegen.quantize import (
+    _as_3d,
+    _load_seed,
+    _load_tile,
+    _quantize_tile,
+    draw_seed,
+    launch_amax,
+    on_device,
+)
 from qpass.codegen.spec import KERNEL_DTYPES, KernelSpec, kernel_spec, unsupported
-from qpass.codegen.tuning import INTERPRETING, matmul_configs, prune_matmul
+from qpass.codegen.tuning import INTERPRETING, matmul_configs, prune_matmul, size_bucket
 from qpass.formats.qtensor import QTensor
 from qpass.quantizer import Quantizer
 
-TENSOR, CHANNEL, BLOCK, TILE = 0, 1, 2, 3  # GRANULARITIES indices
-ABSMAX, MX, NVFP4 = 0, 1, 2  # SCALINGS indices
+# GRANULARITIES and SCALINGS indices (constexprs: globals a kernel reads)
+TENSOR, CHANNEL, BLOCK, TILE = (tl.constexpr(i) for i in range(4))
+ABSMAX, MX, NVFP4 = (tl.constexpr(i) for i in range(3))
 
 WEIGHT_CONSTEXPRS = (
     "EBITS", "MBITS", "EMIN", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING", "GRANULARITY", "GROUP",
@@ -176,7 +187,7 @@ def _activation_outer(amax_ptr, b, rows, R, MAX_NORMAL: tl.constexpr, SCALING: t
     if SCALING == NVFP4:
         outer = nm.nvfp4_global_scale(nm.bits_float(tl.load(amax_ptr + tl.zeros_like(rows))))
     else:
-        index = b * R + rows if GRANULARITY == CHANNEL else tl.zeros_like(rows)
+        index = b.to(tl.int64) * R + rows if GRANULARITY == CHANNEL else tl.zeros_like(rows)
         encode = nm.absmax_encode(
             nm.bits_float(tl.load(amax_ptr + index, mask=rows < R, other=0)), MAX_NORMAL, POW2
         )
@@ -187,17 +198,18 @@ def _activation_outer(amax_ptr, b, rows, R, MAX_NORMAL: tl.constexpr, SCALING: t
 @triton.autotune(
     configs=matmul_configs(),
     # The constexprs that decide which tiles are valid (prune_matmul) are part of the key, so a tile
-    # tuned for one activation format is never reused for another of the same shape.
+    # tuned for one activation format is never reused for another of the same shape. The sizes are
+    # keyed by their buckets (tuning.size_bucket): M changes with every token count.
     key=[
-        "M", "N", "K", "QUANTIZE_X", "X_GRANULARITY", "X_GROUP", "W_SCALING", "W_GROUP", "X_SPLIT",
-        "DOT_BF16", "DOT_SCALED",
+        "M_BUCKET", "N_BUCKET", "K_BUCKET", "QUANTIZE_X", "X_GRANULARITY", "X_GROUP", "W_SCALING", "W_GROUP",
+        "X_SPLIT", "DOT_BF16", "DOT_SCALED",
     ],
     prune_configs_by={"early_config_prune": prune_matmul},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET", "N_BUCKET", "K_BUCKET"])
 def _weight_matmul_kernel(
-    x_ptr, w_ptr, w_scales_ptr, w_tensor_scale_ptr, bias_ptr, out_ptr, amax_ptr, seed,
-    M, N, K, R, RP, XP, KP, stride_xb, stride_xr, stride_xk,
+    x_ptr, w_ptr, w_scales_ptr, w_tensor_scale_ptr, bias_ptr, out_ptr, amax_ptr, seed_ptr,
+    M, N, K, R, RP, XP, KP, M_BUCKET, N_BUCKET, K_BUCKET, stride_xb, stride_xr, stride_xk,
     W_EBITS: tl.constexpr, W_MBITS: tl.constexpr, W_EMIN: tl.constexpr, W_HAS_INF: tl.constexpr,
     W_HAS_NAN: tl.constexpr, W_IS_INT: tl.constexpr, W_PACKED: tl.constexpr, W_SCALING: tl.constexpr,
     W_GRANULARITY: tl.constexpr, W_GROUP: tl.constexpr, W_POW2: tl.constexpr,
@@ -238,11 +250,13 @@ def _weight_matmul_kernel(
     b = m // RP
     rows = tl.where(m < M, m % RP, R)  # R: outside x (masked)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed = _load_seed(seed_ptr, X_ROUNDING)  # X_ROUNDING is 0 (rne) without an input quantizer
     acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, TILE_K):
         cols = k0 + tl.arange(0, TILE_K)
         x = _load_tile(
-            x_ptr, b[:, None], rows, cols, R, K, stride_xb, stride_xr, stride_xk, x_ptr, 0, TILE_M, TILE_K
+            x_ptr, b[:, None], rows, cols, R, K, stride_xb, stride_xr, stride_xk, x_ptr, 1.0, 0, TILE_M,
+            TILE_K,
         )
         if DOT_SCALED:  # MX codes and E8M0 scales of both operands straight to the MX tensor cores
             values, decode, stored = _quantize_tile(
@@ -401,24 +415,22 @@ def _native_mx(device: torch.device) -> bool:
 
 
 def weight_matmul(
-    x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = None,
+    x: Tensor, weight: QTensor, bias: Tensor | None = None,
     input_quantizer: Quantizer | None = None, out_dtype: torch.dtype | None = None, *,
     seed: int | None = None, dot_scaled: bool | None = None,
-) -> torch.Tensor:
+) -> Tensor:
     """``y = Q(x) · dequant(weight)ᵀ (+ bias)``, ``[..., N]`` for x ``[..., K]``, in ``out_dtype``
     (default x's dtype), accumulated in fp32 with the bias added in fp32 before the cast.
 
     ``weight``: a QTensor of W ``[N, K]`` quantized along K (axis 1), any format the kernels take.
     ``input_quantizer``: None to use x as it is, or a :class:`qpass.Quantizer` that fake-quantizes
     x along K inside the kernel (the same values as ``input_quantizer(x, -1)``); ``seed`` seeds its
-    stochastic rounding (default: drawn from torch's generator). ``dot_scaled``: None (default)
-    takes the ``tl.dot_scaled`` path where it is native (MXFP4/MXFP8 weights and activations on a
-    compute capability >= 10 GPU), True forces it (an error where the formats do not allow it),
-    False never takes it.
+    stochastic rounding (default: drawn from the generator of x's device). ``dot_scaled``: None
+    (default) takes the ``tl.dot_scaled`` path where it is native (MXFP4/MXFP8 weights and
+    activations on a compute capability >= 10 GPU), True forces it (an error where the formats do
+    not allow it), False never takes it.
     """
     _check_arguments(x, weight, bias, input_quantizer, out_dtype)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    n_out, k = weight.shape
     w_spec = kernel_spec(weight.format)
     x_spec = (
         kernel_spec(input_quantizer.spec, input_quantizer.rounding) if input_quantizer is not None else None
@@ -429,25 +441,34 @@ def weight_matmul(
     use_dot_scaled = (
         reason is None if dot_scaled else (dot_scaled is None and reason is None and _native_mx(x.device))
     )
+    return torch.ops.qpass_codegen.weight_matmul(  # forward only: detached, the op has no autograd
+        x.detach(), weight.codes, weight.scales, weight.tensor_scale, None if bias is None else bias.detach(),
+        w_spec.to_json(),
+        x_spec.to_json() if x_spec is not None else "",
+        x.dtype if out_dtype is None else out_dtype,
+        draw_seed(input_quantizer.rounding, seed, x.device) if input_quantizer is not None else None,
+        use_dot_scaled,
+    )
 
-    leading = x.shape[:-1]
-    out = torch.empty(*leading, n_out, dtype=out_dtype, device=x.device)
+
+@triton_op("qpass_codegen::weight_matmul", mutates_args=())
+def _weight_matmul_op(
+    x: Tensor, codes: Tensor, scales: Tensor, tensor_scale: Tensor | None, bias: Tensor | None,
+    weight_spec: str, input_spec: str, out_dtype: torch.dtype, seed: Tensor | None, dot_scaled: bool,
+) -> Tensor:
+    """:func:`weight_matmul` on W's codes ``[N, KP (/2)]`` and scales, its kernel spec and the input
+    quantizer's (JSON, "" for none); ``dot_scaled``: take the ``tl.dot_scaled`` path."""
+    w_spec = KernelSpec.from_json(weight_spec)
+    x_spec = KernelSpec.from_json(input_spec) if input_spec else None
+    n_out, k = codes.shape[0], x.shape[-1]
+    out = torch.empty(*x.shape[:-1], n_out, dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     x3 = _as_3d(x)
     batches, rows = x3.shape[0], x3.shape[1]
     padded_rows = -(-rows // 16) * 16 if x_spec is not None and x_spec.granularity == "tile" else rows
-    kp = weight.format.padded_length(k)
-
-    amax = torch.zeros(batches * rows if x_spec is not None and x_spec.granularity == "channel" else 1,
-                       dtype=torch.int32, device=x.device)
-    if x_spec is not None and x_spec.needs_amax:
-        _amax_kernel[_grid(x3, k)](
-            x3, amax, None, rows, k, *x3.stride(), PER_ROW=x_spec.granularity == "channel",
-            GROUP=x_spec.GROUP, GRANULARITY=x_spec.GRANULARITY, HADAMARD=0,
-        )
-    xp = input_quantizer.spec.padded_length(k) if input_quantizer is not None else k
-    seed = (_draw_seed(input_quantizer) if input_quantizer is not None else 0) if seed is None else seed
+    kp = w_spec.padded_length(k)
+    xp = x_spec.padded_length(k) if x_spec is not None else k
 
     w_constexprs = {f"W_{name}": getattr(w_spec, name) for name in WEIGHT_CONSTEXPRS}
     # Without an input quantizer the activation constexprs are placeholders (never read).
@@ -458,24 +479,27 @@ def weight_matmul(
     # fp32 activations split into bf16-exact values and outer factors, where the weights also make
     # a bf16 dot possible (otherwise they stay fake_quantize's fp32 values, for an fp32 dot).
     x_split = x.dtype == torch.float32 and x_spec is not None and _splits(x_spec) and inner_exact
-    tensor_scale = (
-        weight.tensor_scale if weight.tensor_scale is not None
-        else weight.scales.new_ones((), dtype=torch.float32)
-    )
+    if tensor_scale is None:
+        tensor_scale = scales.new_ones((), dtype=torch.float32)
     m = batches * padded_rows
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))
 
-    _weight_matmul_kernel[grid](
-        x3, weight.codes.contiguous(), weight.scales.contiguous(), tensor_scale.float().contiguous(),
-        bias.contiguous() if bias is not None else out, out, amax, seed,
-        m, n_out, k, rows, padded_rows, xp, kp, *x3.stride(),
-        **w_constexprs, QUANTIZE_X=x_spec is not None, **x_constexprs,
-        X_SPLIT=x_split and not use_dot_scaled, HAS_BIAS=bias is not None,
-        DOT_BF16=inner_exact and (x.dtype == torch.bfloat16 or x_split), UPCAST_BF16=INTERPRETING,
-        DOT_SCALED=use_dot_scaled,
-        X_FORMAT=DOT_SCALED_FORMATS.get((x_spec.EBITS, x_spec.MBITS), "") if use_dot_scaled else "",
-        W_FORMAT=DOT_SCALED_FORMATS.get((w_spec.EBITS, w_spec.MBITS), "") if use_dot_scaled else "",
-    )
+    with on_device(x.device):
+        amax = (
+            launch_amax(x3, x_spec, None) if x_spec is not None
+            else torch.zeros(1, dtype=torch.int32, device=x.device)
+        )
+        wrap_triton(_weight_matmul_kernel)[grid](
+            x3, codes.contiguous(), scales.contiguous(), tensor_scale.float().contiguous(),
+            bias.contiguous() if bias is not None else None, out, amax, seed,
+            m, n_out, k, rows, padded_rows, xp, kp, size_bucket(m), size_bucket(n_out), size_bucket(k),
+            *x3.stride(), **w_constexprs, QUANTIZE_X=x_spec is not None, **x_constexprs,
+            X_SPLIT=x_split and not dot_scaled, HAS_BIAS=bias is not None,
+            DOT_BF16=inner_exact and (x.dtype == torch.bfloat16 or x_split), UPCAST_BF16=INTERPRETING,
+            DOT_SCALED=dot_scaled,
+            X_FORMAT=DOT_SCALED_FORMATS.get((x_spec.EBITS, x_spec.MBITS), "") if dot_scaled else "",
+            W_FORMAT=DOT_SCALED_FORMATS.get((w_spec.EBITS, w_spec.MBITS), "") if dot_scaled else "",
+        )
     return out

@@ -15,19 +15,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-F32_EXP_MASK: tl.constexpr = 0x7F800000
-F32_ABS_MASK: tl.constexpr = 0x7FFFFFFF
-F32_INF_BITS: tl.constexpr = 0x7F800000
-F32_TINY: tl.constexpr = 1.1754943508222875e-38  # 2^-126, fp32's smallest normal
-F32_MAX: tl.constexpr = 3.4028234663852886e38
-F32_MIN_SUBNORMAL: tl.constexpr = 1.401298464324817e-45  # 2^-149
-TWO_POW_64: tl.constexpr = 18446744073709551616.0
-ROUNDING_MAGIC: tl.constexpr = 12582912.0  # 1.5 * 2^23
+# tl.constexpr objects, not annotated ints: Triton's compiler reads no other globals (the interpreter
+# does, which is how plain ints went unnoticed).
+F32_EXP_MASK = tl.constexpr(0x7F800000)
+F32_ABS_MASK = tl.constexpr(0x7FFFFFFF)
+F32_INF_BITS = tl.constexpr(0x7F800000)
+F32_TINY = tl.constexpr(1.1754943508222875e-38)  # 2^-126, fp32's smallest normal
+F32_MAX = tl.constexpr(3.4028234663852886e38)
+F32_MIN_SUBNORMAL = tl.constexpr(1.401298464324817e-45)  # 2^-149
+TWO_POW_64 = tl.constexpr(18446744073709551616.0)
+ROUNDING_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
-# Rounding modes and scalings, as the constexpr ints the kernels branch on.
-RNE: tl.constexpr = 0
-STOCHASTIC: tl.constexpr = 1
-AWAY: tl.constexpr = 2
+# Rounding modes, as the constexpr ints the kernels branch on.
+RNE = tl.constexpr(0)
+STOCHASTIC = tl.constexpr(1)
+AWAY = tl.constexpr(2)
 
 
 @triton.jit

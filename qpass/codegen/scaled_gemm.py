@@ -24,9 +24,11 @@ from qpass.codegen import numerics as nm
 from qpass.codegen.spec import kernel_spec
 from qpass.gemm_operand import GemmOperand
 
-TENSOR, CHANNEL = 0, 1  # spec.GRANULARITIES indices; blocks and tiles are >= 2
-ABSMAX, MX, NVFP4 = 0, 1, 2  # spec.SCALINGS indices
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
+# spec.GRANULARITIES and spec.SCALINGS indices, as tl.constexpr objects: the kernel reads them, and
+# Triton's compiler reads no other globals (plain ints pass in the interpreter, fail on a GPU).
+TENSOR, CHANNEL, BLOCK = (tl.constexpr(i) for i in range(3))  # blocks and NVFP4's tiles: >= BLOCK
+ABSMAX, MX, NVFP4 = (tl.constexpr(i) for i in range(3))
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64  # host only: launch arguments (the kernel's own are parameters)
 OPERAND_CONSTEXPRS = (
     "EBITS", "MBITS", "EMIN", "HAS_INF", "HAS_NAN", "IS_INT", "PACKED", "SCALING", "GRANULARITY", "GROUP",
 )
@@ -56,7 +58,7 @@ def _dequantized_tile(
         codes = tl.load(codes_ptr + row * KP + cols[None, :], mask=in_rows & (cols[None, :] < KP), other=0)
         codes = codes.to(tl.int32)
     values = nm.decode_element(codes, EBITS, MBITS, EMIN, HAS_INF, HAS_NAN, IS_INT)
-    if GRANULARITY >= 2:  # blocks (and NVFP4's tiles, stored per block row): one scale per GROUP columns
+    if GRANULARITY >= BLOCK:  # blocks (and NVFP4's tiles, stored per block row): one scale per GROUP columns
         GROUPS: tl.constexpr = BLOCK_K // GROUP
         groups = k0 // GROUP + tl.arange(0, GROUPS)
         stored = tl.load(scales_ptr + row * (KP // GROUP) + groups[None, :],

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qpass.formats.spec import FormatSpec
+from qpass.jsontuple import JsonTuple
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 
@@ -26,7 +27,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
-class KernelSpec:
+class KernelSpec(JsonTuple):  # JSON: the ``qpass_codegen::`` ops take it as a string
     EBITS: int
     MBITS: int
     EMIN: int
@@ -56,6 +57,13 @@ class KernelSpec:
     def needs_amax(self) -> bool:
         """A scale that spans more than one kernel program: a pre-pass computes its amax."""
         return self.granularity in ("tensor", "channel") or self.scaling == "nvfp4"
+
+    def padded_length(self, length: int) -> int:
+        """:meth:`qpass.formats.spec.FormatSpec.padded_length`: whole groups, and even for fp4's packing."""
+        multiple = self.GROUP or 1
+        if self.PACKED and multiple % 2:
+            multiple *= 2
+        return -(-length // multiple) * multiple
 
     def constexprs(self) -> dict:
         return asdict(self)

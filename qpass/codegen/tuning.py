@@ -10,6 +10,14 @@ import os
 import triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+BUCKET_CAP = 1 << 14
+
+
+def size_bucket(n: int) -> int:
+    """What an autotuning key holds for a size ``n``: its next power of two, at most 2^14. Keyed on
+    exact sizes, every new token count (each decode step, each prompt length) would tune again; the
+    best tile changes with the order of magnitude, and past 2^14 rows or columns not at all."""
+    return min(triton.next_power_of_2(n), BUCKET_CAP)
 
 
 def elementwise_configs() -> list[triton.Config]:

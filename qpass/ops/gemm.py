@@ -49,7 +49,7 @@ def route(a: Quantizer | None, b: Quantizer | None, device: torch.device | str =
     if scaling_a and scaling_a == scaling_b:
         if batched:
             return "reference: batched operands (no batched scaled_mm)"
-        if torch.device(device).type == "cuda" and a.spec.element.name == b.spec.element.name == "fp8_e5m2":
+        if a.spec.element.name == b.spec.element.name == "fp8_e5m2":  # the CPU decides as CUDA would
             return "reference: e5m2 x e5m2 (cuBLASLt takes no such FP8 GEMM)"
         return f"scaled_mm {scaling_a}"
     if torch.device(device).type == "cuda" and not batched:
@@ -92,21 +92,34 @@ def _padded(operand: GemmOperand, rows: int, k: int) -> tuple[Tensor, Tensor]:
     return codes, scales
 
 
+def _aligned(size: int) -> int:
+    return -(-size // SCALED_MM_ALIGNMENT) * SCALED_MM_ALIGNMENT
+
+
 def _scaled_mm(x: GemmOperand, y: GemmOperand, out_dtype: torch.dtype) -> Tensor:
-    """``x · yᵀ`` by ``torch._scaled_mm``, padded to cuBLASLt's alignment where only that is missing."""
-    m, n = x.rows, y.rows
-    k = x.codes.shape[-1]
-    align = lambda size: -(-size // SCALED_MM_ALIGNMENT) * SCALED_MM_ALIGNMENT  # noqa: E731
-    x_codes, x_scales = _padded(x, m, align(k))
-    y_codes, y_scales = _padded(y, align(n), align(k))
-    y_t, y_scales = y_codes.t(), y_scales.reshape(1, -1) if y_scales.numel() > 1 else y_scales
-    device = x_codes.device
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else SM90
-    why = cuda_rejects(x_codes, y_t, x_scales, y_scales, out_dtype, capability=capability)
+    """``x · yᵀ`` by ``torch._scaled_mm``. On CUDA the operands are padded to cuBLASLt's alignment
+    where they lack it; on the CPU, which takes any size (and pads nothing, which keeps its sums those
+    of the reference), the call CUDA would get is checked all the same."""
+    m, n, k = x.rows, y.rows, x.codes.shape[-1]
+    on_cuda = x.codes.device.type == "cuda"
+    if on_cuda:
+        x_codes, x_scales = _padded(x, m, _aligned(k))
+        y_codes, y_scales = _padded(y, _aligned(n), _aligned(k))
+        capability = torch.cuda.get_device_capability(x.codes.device)
+    else:
+        (x_codes, x_scales), (y_codes, y_scales), capability = (x.codes, x.scales), (y.codes, y.scales), SM90
+    row = lambda scales: scales.reshape(1, -1) if scales.numel() > 1 else scales  # noqa: E731
+    checked = [x_codes, y_codes.t(), x_scales, row(y_scales)]
+    if not on_cuda:  # the padded call, as shapes only
+        pad = lambda t, *shape: torch.empty(shape, dtype=t.dtype, device="meta")  # noqa: E731
+        scale_x = x.scales if x.scales.numel() == 1 else pad(x.scales, m, 1)
+        scale_y = y.scales if y.scales.numel() == 1 else pad(y.scales, 1, _aligned(n))
+        checked = [pad(x.codes, m, _aligned(k)), pad(y.codes, _aligned(n), _aligned(k)).t(), scale_x, scale_y]
+    why = cuda_rejects(*checked, out_dtype, capability=capability)
     if why is not None:  # route() sent only what fits: a refusal here is qpass's bug, not the user's
         raise RuntimeError(f"qpass built a _scaled_mm call that cuBLASLt rejects: {why}")
-    out = torch._scaled_mm(x_codes, y_t, scale_a=x_scales, scale_b=y_scales, out_dtype=out_dtype)
-    return out[:, :n]
+    out = torch._scaled_mm(x_codes, y_codes.t(), scale_a=x_scales, scale_b=row(y_scales), out_dtype=out_dtype)
+    return out[:, :n] if out.shape[1] != n else out
 
 
 def _values(operand: Operand) -> Tensor:
@@ -117,8 +130,20 @@ def _quantizer(operand: Operand) -> Quantizer | None:
     return operand.quantizer if isinstance(operand, GemmOperand) else None
 
 
+def _flattened(operand: Operand) -> Operand:
+    if isinstance(operand, GemmOperand):
+        return operand.flattened()
+    return operand.reshape(-1, operand.shape[-1])
+
+
 def scaled_gemm(x: Operand, y: Operand, out_dtype: torch.dtype) -> Tensor:
-    """``x [..., P, K] · y [..., Q, K]ᵀ`` accumulated in fp32, in ``out_dtype``: ``[..., P, Q]``."""
+    """``x [..., P, K] · y [..., Q, K]ᵀ`` accumulated in fp32, in ``out_dtype``: ``[..., P, Q]``.
+
+    With a matrix ``y`` (a weight), ``x``'s leading dims are rows of one GEMM."""
+    if _values_ndim(y) == 2 and _values_ndim(x) > 2:
+        leading = (x.codes if isinstance(x, GemmOperand) else x).shape[:-2]
+        out = scaled_gemm(_flattened(x), y, out_dtype)
+        return out.reshape(*leading, -1, out.shape[-1])
     batched = max(_values_ndim(x), _values_ndim(y)) > 2
     chosen = route(_quantizer(x), _quantizer(y), _device(x), batched)
     if chosen.startswith("scaled_mm"):
@@ -127,7 +152,9 @@ def scaled_gemm(x: Operand, y: Operand, out_dtype: torch.dtype) -> Tensor:
         from qpass.codegen.scaled_gemm import scaled_gemm as triton_scaled_gemm  # imports triton
 
         return triton_scaled_gemm(x, y, out_dtype)
-    return torch.matmul(_values(x), _values(y).mT).to(out_dtype)
+    # Row-major times row-major, as the CPU's _scaled_mm multiplies: for small shapes the fp32 GEMM's
+    # rounding depends on its operands' layout.
+    return torch.matmul(_values(x), _values(y).mT.contiguous()).to(out_dtype)
 
 
 def _values_ndim(operand: Operand) -> int:

@@ -60,10 +60,16 @@ def _fixed(quantizer: Quantizer | None, rotation: Rotation | None, forward: Quan
             and not (rotation is not None and rotation.resample) and (forward is None or forward.dge is None))
 
 
-def saved_in_low_precision(q: MatmulQuantizers) -> tuple[bool, bool]:
-    """Whether backward gets A's wgrad operand and B's dgrad operand from the forward (else A, B).
-    An operand quantized once for both its GEMMs always is: quantizing it again would draw again."""
-    return (q.shares_a or _fixed(q.db_a, q.db_rotation, q.a)), (q.shares_b or _fixed(q.da_b, q.da_rotation, q.b))
+def saved_in_low_precision(q: MatmulQuantizers, run: Execution) -> tuple[bool, bool]:
+    """Whether backward gets A's wgrad operand and B's dgrad operand from the forward (else A, B):
+    where the execution asks for codes and the forward can quantize them; always for an operand
+    quantized once for both its GEMMs by random draws, which a second quantization would not repeat."""
+    def saves(shares: bool, fixed: bool, codes: bool, forward: Quantizer | None) -> bool:
+        drawn = shares and forward.rounding == "stochastic"
+        return drawn or (codes and (shares or fixed))
+
+    return (saves(q.shares_a, _fixed(q.db_a, q.db_rotation, q.a), run.a_codes, q.a),
+            saves(q.shares_b, _fixed(q.da_b, q.da_rotation, q.b), run.b_codes, q.b))
 
 
 def _wgrad_input(a: Tensor, b: Tensor) -> Tensor:
@@ -77,56 +83,86 @@ def _lengths(q: MatmulQuantizers, m: int, n: int) -> tuple[int, int]:
             n if q.da_rotation is None else q.da_rotation.padded(n))
 
 
-@torch.library.custom_op("qpass::quantized_matmul", mutates_args=())
-def _forward(
-    a: Tensor, b: Tensor, quantizers: str, execution: str, save_a: bool, save_b: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """fprop ``Q(A along K) · Q(B along K)`` in ``a``'s dtype, then A's wgrad operand and B's dgrad
-    operand (codes, scales, global scale; empty where not asked for)."""
-    q, run = MatmulQuantizers.from_json(quantizers), Execution.from_json(execution)
-    kernels = run.kernels
-    a_k = operand(q.a, a, -1, run.a_state, q.rotation, kernels=kernels)
-    b_k = operand(q.b, b, -2, run.b_state, q.rotation, kernels=kernels)
-    y = scaled_gemm(a_k, b_k, a.dtype)
-    saved_a, saved_b = _nothing(a), _nothing(a)
-    if save_a:
-        a_m = (_other_orientation(a_k, b.ndim == 2) if q.shares_a
-               else operand(q.db_a, _wgrad_input(a, b), -2, rotation=q.db_rotation, kernels=kernels))
-        saved_a = a_m.tensors()
-    if save_b:
-        b_n = _other_orientation(b_k, False) if q.shares_b else operand(
-            q.da_b, b, -1, rotation=q.da_rotation, kernels=kernels)
-        saved_b = b_n.tensors()
-    return (y, *saved_a, *saved_b)
+def operand_tensors(x: Tensor, quantizer: str, axis: int, rotation: str, state: str,
+                  kernels: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` quantized along ``axis`` for a GEMM, as :meth:`GemmOperand.tensors`."""
+    r = Rotation.from_json(rotation) if rotation else None
+    return operand(Quantizer.from_json(quantizer), x, axis, state, r, kernels=kernels).tensors()
+
+
+def _gemm_operand_fake(x, quantizer, axis, rotation, state, kernels):
+    return empty_tensors(Quantizer.from_json(quantizer), x.movedim(axis, -1).shape,
+                         Rotation.from_json(rotation) if rotation else None, x.device)
+
+
+# Two ops of one implementation: equal calls of the first are one (the graph's CSE quantizes an
+# activation that several products share once: Q, K and V's input); the second draws random numbers,
+# so that each call stays its own.
+gemm_operand = torch.library.custom_op("qpass::gemm_operand", operand_tensors, mutates_args=())
+gemm_operand_stochastic = torch.library.custom_op(
+    "qpass::gemm_operand_stochastic", operand_tensors, mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+gemm_operand.register_fake(_gemm_operand_fake)
+gemm_operand_stochastic.register_fake(_gemm_operand_fake)
+
+
+def quantize_ahead(quantizer: Quantizer | None, x: Tensor, axis: int, kernels: bool, state: str = "",
+                     rotation: Rotation | None = None) -> list[Tensor]:
+    """The graph node that quantizes ``x`` for one of the product's GEMMs (nothing: high precision)."""
+    if quantizer is None:
+        return []
+    op = gemm_operand_stochastic if quantizer.rounding == "stochastic" else gemm_operand
+    # Detached: codes and scales carry no gradient; the product's backward is the gradient of x.
+    return list(op(x.detach(), quantizer.to_json(), axis, rotation.to_json() if rotation else "", state, kernels))
+
+
+def _from_tensors(tensors: list[Tensor], quantizer: Quantizer | None, x: Tensor, axis: int,
+                  rotation: Rotation | None) -> Operand:
+    """The operand the graph quantized, or ``x`` in high precision."""
+    if not tensors:
+        return operand(None, x, axis, rotation=rotation)
+    length = x.shape[axis] if rotation is None else rotation.padded(x.shape[axis])
+    return GemmOperand.from_tensors(tensors, quantizer, length)
+
+
+def fprop(a: Tensor, b: Tensor, a_k: list[Tensor], b_k: list[Tensor], a_saved: list[Tensor],
+             b_saved: list[Tensor], quantizers: str, execution: str) -> Tensor:
+    """fprop ``Q(A along K) · Q(B along K)`` in ``a``'s dtype, from the operands the graph quantized
+    (``a_k``, ``b_k``; empty: high precision). ``a_saved``, ``b_saved``: what backward is saved of A
+    and B (empty: A and B themselves)."""
+    q = MatmulQuantizers.from_json(quantizers)
+    return scaled_gemm(_from_tensors(a_k, q.a, a, -1, q.rotation), _from_tensors(b_k, q.b, b, -2, q.rotation),
+                       a.dtype)
+
+
+# The ops' implementations are plain functions too: a test runs them under a dispatch mode.
+_forward = torch.library.custom_op("qpass::quantized_matmul", fprop, mutates_args=())
 
 
 @_forward.register_fake
-def _(a, b, quantizers, execution, save_a, save_b):
-    q = MatmulQuantizers.from_json(quantizers)
-    y = torch.matmul(a, b)  # a rotation pads K alike on both sides: the shape is unchanged
-    saved_a, saved_b = _nothing(a), _nothing(a)
-    if save_a:
-        saved_a = empty_tensors(q.db_a, _wgrad_input(a, b).mT.shape, q.db_rotation, a.device)
-    if save_b:
-        saved_b = empty_tensors(q.da_b, b.shape, q.da_rotation, a.device)
-    return (y, *saved_a, *saved_b)
-
-
-def _nothing(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return x.new_empty(0), x.new_empty(0), x.new_empty(0)
+def _(a, b, a_k, b_k, a_saved, b_saved, quantizers, execution):
+    return torch.matmul(a, b)  # a rotation pads K alike on both sides: the shape is unchanged
 
 
 def quantized_matmul(a: Tensor, b: Tensor, quantizers: str, execution: str) -> Tensor:
-    """``Q(A) · Q(B)``, differentiable by SPEC section 6."""
-    save_a, save_b = saved_in_low_precision(MatmulQuantizers.from_json(quantizers))
+    """``Q(A) · Q(B)``, differentiable by SPEC section 6: the operands quantized by graph nodes before
+    the product, with those that backward can use saved for it."""
+    q, run = MatmulQuantizers.from_json(quantizers), Execution.from_json(execution)
+    kernels = run.kernels
+    a_k = quantize_ahead(q.a, a, -1, kernels, run.a_state, q.rotation)
+    b_k = quantize_ahead(q.b, b, -2, kernels, run.b_state, q.rotation)
+    save_a, save_b = saved_in_low_precision(q, run)
     # Each saved operand serves the gradient of the *other* operand.
     grad = torch.is_grad_enabled()
-    save_a, save_b = save_a and grad and b.requires_grad, save_b and grad and a.requires_grad
-    return torch.ops.qpass.quantized_matmul(a, b, quantizers, execution, save_a, save_b)[0]
+    a_saved = b_saved = []
+    if save_a and grad and b.requires_grad:
+        a_saved = a_k if q.shares_a else quantize_ahead(q.db_a, _wgrad_input(a, b), -2, kernels,
+                                                          rotation=q.db_rotation)
+    if save_b and grad and a.requires_grad:
+        b_saved = b_k if q.shares_b else quantize_ahead(q.da_b, b, -1, kernels, rotation=q.da_rotation)
+    return torch.ops.qpass.quantized_matmul(a, b, a_k, b_k, a_saved, b_saved, quantizers, execution)
 
 
-@torch.library.custom_op("qpass::quantized_matmul_backward", mutates_args=())
-def _backward(
+def backward_gemms(
     grad: Tensor, a: Tensor, b: Tensor, a_saved: list[Tensor], b_saved: list[Tensor], a_shape: list[int],
     b_shape: list[int], a_dtype: torch.dtype, b_dtype: torch.dtype, quantizers: str, execution: str,
     need_a: bool, need_b: bool,
@@ -150,10 +186,14 @@ def _backward(
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
         signs = qdq.draw_signs(q.da_rotation, grad.shape[-1])
-        dy = shared if shared is not None else operand(q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs,
-                                                                  kernels=kernels)
-        b_n = (GemmOperand.from_tensors(b_saved, q.da_b, n_length) if b_saved[0].numel()
-               else operand(q.da_b, b, -1, rotation=q.da_rotation, signs=signs, kernels=kernels))
+        dy = shared if shared is not None else operand(
+            q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs, kernels=kernels)
+        if q.shares_b and b_saved:  # the forward's B along K, one scale: the same codes transposed
+            b_n = _other_orientation(GemmOperand.from_tensors(b_saved, q.b, b_shape[-2]), False)
+        elif b_saved:
+            b_n = GemmOperand.from_tensors(b_saved, q.da_b, n_length)
+        else:
+            b_n = operand(q.da_b, b, -1, rotation=q.da_rotation, signs=signs, kernels=kernels)
         grad_a = scaled_gemm(dy, b_n, accumulated).sum_to_size(a_shape)
         grad_a = (grad_a if q.a is None else q.a.gradient(grad_a, a, -1)).to(a_dtype)
     if need_b:
@@ -162,12 +202,19 @@ def _backward(
         signs = qdq.draw_signs(q.db_rotation, grad.shape[-2])
         dy = (_other_orientation(shared, len(b_shape) == 2) if shared is not None
               else operand(q.db_grad, grad, -2, rotation=q.db_rotation, signs=signs, kernels=kernels))
-        a_m = (GemmOperand.from_tensors(a_saved, q.db_a, m_length) if a_saved[0].numel()
-               else operand(q.db_a, a.reshape(-1, a.shape[-1]) if len(b_shape) == 2 else a, -2,
-                            rotation=q.db_rotation, signs=signs, kernels=kernels))
+        if q.shares_a and a_saved:
+            a_m = _other_orientation(GemmOperand.from_tensors(a_saved, q.a, a_shape[-1]), len(b_shape) == 2)
+        elif a_saved:
+            a_m = GemmOperand.from_tensors(a_saved, q.db_a, m_length)
+        else:
+            a_m = operand(q.db_a, a.reshape(-1, a.shape[-1]) if len(b_shape) == 2 else a, -2,
+                          rotation=q.db_rotation, signs=signs, kernels=kernels)
         grad_b = scaled_gemm(a_m, dy, accumulated).sum_to_size(b_shape)
         grad_b = (grad_b if q.b is None else q.b.gradient(grad_b, b, -2)).to(b_dtype)
     return grad_a, grad_b
+
+
+_backward = torch.library.custom_op("qpass::quantized_matmul_backward", backward_gemms, mutates_args=())
 
 
 @_backward.register_fake
@@ -177,27 +224,29 @@ def _(grad, a, b, a_saved, b_saved, a_shape, b_shape, a_dtype, b_dtype, quantize
 
 
 def _save(ctx, inputs, output):
-    a, b, ctx.quantizers, ctx.execution, save_a, save_b = inputs
+    a, b, a_k, b_k, a_saved, b_saved, ctx.quantizers, ctx.execution = inputs
     ctx.a_shape, ctx.b_shape, ctx.dtypes = list(a.shape), list(b.shape), [a.dtype, b.dtype]
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.list_lengths = len(a_k), len(b_k), len(a_saved), len(b_saved)
     # A and B themselves only where backward cannot do with what the forward quantized for it: the
     # other operand's gradient without a saved operand, or its own through an estimator.
     q = MatmulQuantizers.from_json(ctx.quantizers)
     need_a, need_b = ctx.needs_input_grad[:2]
-    keep_a = (need_b and not save_a) or (need_a and q.a is not None and q.a.dge is not None)
-    keep_b = (need_a and not save_b) or (need_b and q.b is not None and q.b.dge is not None)
-    ctx.save_for_backward(a if keep_a else None, b if keep_b else None, *output[1:])
+    keep_a = (need_b and not a_saved) or (need_a and q.a is not None and q.a.dge is not None)
+    keep_b = (need_a and not b_saved) or (need_b and q.b is not None and q.b.dge is not None)
+    ctx.save_for_backward(a if keep_a else None, b if keep_b else None, *a_saved, *b_saved)
 
 
-def _matmul_backward(ctx, grad, *unused):
+def _matmul_backward(ctx, grad):
     a, b, *saved = ctx.saved_tensors
     need_a, need_b = ctx.needs_input_grad[:2]
     empty = grad.new_empty(0)
+    count_a = ctx.list_lengths[2]
     grad_a, grad_b = torch.ops.qpass.quantized_matmul_backward(
-        grad, empty if a is None else a, empty if b is None else b, saved[:3], saved[3:], ctx.a_shape,
-        ctx.b_shape, *ctx.dtypes, ctx.quantizers, ctx.execution, need_a, need_b)
+        grad, empty if a is None else a, empty if b is None else b, saved[:count_a], saved[count_a:],
+        ctx.a_shape, ctx.b_shape, *ctx.dtypes, ctx.quantizers, ctx.execution, need_a, need_b)
+    # Nothing for the operands' codes and scales (lists, answered element by element) and configs.
     return (grad_a.contiguous() if need_a else None, grad_b.contiguous() if need_b else None,
-            None, None, None, None)
+            *([None] * n for n in ctx.list_lengths), None, None)
 
 
 _forward.register_autograd(_matmul_backward, setup_context=_save)

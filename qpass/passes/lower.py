@@ -31,8 +31,12 @@ from torch import fx
 
 from qpass.execution import Execution
 from qpass.formats import quantize
+from qpass.matmul_quantizers import MatmulQuantizers
+from qpass.ops.gemm import route
 from qpass.ops.kernels import register_packed_weight
+from qpass.passes.kinds import meta_value
 from qpass.passes.plan import ProductPlan, SitePlan
+from qpass.quantized import without_hoisted
 from qpass.passes.quantize import recompiled, replace_node
 from qpass.quantizer import Quantizer
 
@@ -74,6 +78,14 @@ def _states(product: ProductPlan, site: str, prefix: str, new_state: NewState) -
     ).check(q)
 
 
+def _saving(product: ProductPlan) -> ProductPlan:
+    """What backward is saved of each operand: a weight itself (its parameter costs no memory, its
+    codes would), unless a delayed-scaling state forbids quantizing it a second time."""
+    run, (a, b) = product.execution, product.roles
+    return replace(product, execution=replace(
+        run, a_codes=a != "weight" or bool(run.a_state), b_codes=b != "weight" or bool(run.b_state)))
+
+
 def _kernels_unsupported(product: ProductPlan) -> str | None:
     """Why the generated kernels cannot quantize every operand of the product (None: they can)."""
     from qpass.codegen.spec import unsupported  # imports triton: only once kernels were asked for
@@ -85,6 +97,32 @@ def _kernels_unsupported(product: ProductPlan) -> str | None:
                 (q.db_grad, q.db_rotation), (q.db_a, q.db_rotation))
     return next((why for quantizer, rotation in operands
                  if quantizer and (why := unsupported(quantizer, rotation))), None)
+
+
+def _gemm_routes(plan: SitePlan, target: Target) -> str:
+    """Which GEMM runs each of the site's GEMMs (:func:`qpass.ops.gemm.route`), as the report says it."""
+    if plan.lowering == PACKED:
+        return f"packed_linear: {plan.backend}"
+    device = "cuda" if target.on_cuda else "cpu"
+    batched = any(meta_value(node).ndim > 2 for node in plan.site.operands[1:]
+                  if isinstance(meta_value(node), torch.Tensor))
+    described = []
+    for product, name in zip(plan.products, plan.site.op.product_names):
+        q, _, op_config = without_hoisted(product.config)
+        if not q.quantizes_backward:
+            routes = {"fprop": "reference: quantize-dequantize, then torch.matmul in the model's dtype"}
+        else:
+            inner = q if op_config is None else MatmulQuantizers.from_json(op_config[0])
+            grad_a, grad_b = product.grad_gemms
+            routes = {"fprop": route(inner.a, inner.b, device, batched),
+                      grad_a: route(inner.da_grad, inner.da_b, device, batched),
+                      grad_b: route(inner.db_a, inner.db_grad, device, batched)}
+        prefix = f"{name}: " if name else ""
+        if len(set(routes.values())) == 1:
+            described.append(prefix + next(iter(routes.values())))
+        else:
+            described.append(prefix + "; ".join(f"{gemm} {how}" for gemm, how in routes.items()))
+    return " | ".join(described)
 
 
 def _packed_weight(
@@ -149,7 +187,9 @@ def plan_lowering(
                         for p, n in zip(plan.products, names)]
             plan = plan.with_products(products)
         if plan.excluded is None:
+            plan = plan.with_products([_saving(p) for p in plan.products])
             plan = _lowered(plan, parameters, target) if target.lowers else replace(plan, backend="reference")
+            plan = replace(plan, gemms=_gemm_routes(plan, target))
         planned.append(plan)
     return planned
 

@@ -82,6 +82,7 @@ class SitePlan:
     rotated_weight: bool = False  # the residual-stream rotation rewrites the weight (qpass.passes.residual)
     lowering: str = "reference"  # "reference", "kernels" or "packed" (qpass.passes.lower)
     backend: str = ""  # which implementation runs the site, for qpass.report
+    gemms: str = ""  # which GEMM runs each of its GEMMs (qpass.ops.gemm.route), for qpass.report
     notes: tuple[str, ...] = ()  # what the passes do or could not do, for qpass.report
 
     @property

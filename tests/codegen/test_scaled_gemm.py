@@ -11,6 +11,10 @@ bias and bf16/fp16 output casts included.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -152,3 +156,62 @@ def test_bad_operands():
         scaled_gemm(a, b, torch.int32)
     with pytest.raises(ValueError, match="bias"):
         scaled_gemm(a, b, torch.float32, bias=torch.zeros(7))
+
+
+# Run in a fresh interpreter without TRITON_INTERPRET (under it, triton.jit gives interpreted
+# functions, which the compiler cannot take): each launcher's launches are recorded, not run, and
+# compiled for sm_90 by Triton's real compiler, which, unlike the interpreter, reads no module
+# globals but tl.constexpr ones.
+COMPILE_SCRIPT = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qpass.codegen import gemm_operand, scaled_gemm
+from qpass.gemm_operand import quantize_for_gemm
+from qpass.quantizer import Quantizer
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int32: "i32"}
+launches = []
+
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            launches.append((self.kernel, dict(zip(self.kernel.arg_names, args), **kwargs)))
+        return launch
+
+for module, name in ((gemm_operand, "_amax_kernel"), (gemm_operand, "_gemm_operand_kernel"),
+                     (scaled_gemm, "_scaled_gemm_kernel")):
+    setattr(module, name, Recorder(getattr(module, name)))
+x = torch.randn(2, 70, 130, dtype=torch.bfloat16)
+gemm_operand.quantize_for_gemm(x, Quantizer("nvfp4"), -1, transposed=True)  # BLOCK, NVFP4, both ways
+a = quantize_for_gemm(torch.randn(70, 96), Quantizer("nvfp4"), -1)
+b = quantize_for_gemm(torch.randn(40, 96), Quantizer("fp8_e4m3", granularity="channel"), -1)
+scaled_gemm.scaled_gemm(a, b, torch.bfloat16, torch.randn(40))
+for kernel, bound in launches:
+    signature, constexprs = {}, {}
+    for p in kernel.params:
+        value = bound[p.name]
+        if p.is_constexpr or value is None:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = "*" + TYPES[value.dtype]
+        else:
+            assert type(value) is int, (p.name, value)
+            signature[p.name] = "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 64))
+    assert compiled.asm["cubin"], kernel.__name__
+    print(kernel.__name__)
+"""
+
+
+def test_the_kernels_compile_for_sm90(tmp_path):
+    """Ahead of time, no GPU needed: one variant of each kernel through Triton's CUDA compiler."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["_amax_kernel", "_gemm_operand_kernel", "_scaled_gemm_kernel"]

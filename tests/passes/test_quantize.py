@@ -5,9 +5,11 @@ import torch
 from graphs import capture, count_calls
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qpass
 from qpass import get_recipe, quantized
+from qpass.ops import matmul
 from qpass.passes import quantize_graph
 
 QDQ = torch.ops.qpass.quantize_dequantize.default
@@ -102,3 +104,43 @@ def test_delayed_scaling_gives_each_operand_a_state():
     quantize_graph(gm, parameters, recipe, set(), new_state)
     assert made == [(f"{s}.{o}", o == "weight")
                     for s in ("up", "down") for o in ("input", "weight", "grad_output")]
+
+
+class GemmLog(TorchDispatchMode):
+    """Records every ATen op, looking inside qpass's product ops (run by their Python implementations
+    under this mode) rather than at them."""
+
+    IMPLEMENTATIONS = {
+        torch.ops.qpass.quantized_matmul.default: matmul.fprop,
+        torch.ops.qpass.quantized_matmul_backward.default: matmul.backward_gemms,
+        torch.ops.qpass.gemm_operand.default: matmul.operand_tensors,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        implementation = self.IMPLEMENTATIONS.get(func)
+        if implementation is not None:
+            with self:
+                return implementation(*args, **(kwargs or {}))
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+         torch.ops.aten.baddbmm.default, torch.ops.aten.matmul.default)
+
+
+@pytest.mark.parametrize("recipe", ["fp8-train", "fp8-rowwise-train"])
+def test_every_gemm_of_a_quantized_site_is_a_scaled_gemm(recipe):
+    """The rewritten graph run eagerly (Dynamo runs no compiled code under a dispatch mode): forward,
+    dgrad and wgrad of both sites on _scaled_mm, and no fp32 GEMM anywhere."""
+    gm, example_inputs, plans = rewritten(TwoLinears(), recipe, torch.randn(4, 64, requires_grad=True))
+    assert [p.excluded for p in plans] == [None, None]
+    log = GemmLog()
+    with log:
+        gm(*example_inputs)[0].sum().backward()
+    assert log.ops.count(torch.ops.aten._scaled_mm.default) == 2 * 3
+    assert [op for op in log.ops if op in GEMMS] == []
