@@ -117,7 +117,8 @@ def transposed(op: GemmOperand) -> GemmOperand:
                        op.rows)
 
 
-def empty_tensors(quantizer: Quantizer, shape, rotation: Rotation | None, device) -> tuple[Tensor, Tensor, Tensor]:
+def empty_tensors(quantizer: Quantizer, shape, rotation: Rotation | None,
+                  device) -> tuple[Tensor, Tensor, Tensor]:
     """Uninitialized :meth:`GemmOperand.tensors` of what :func:`quantize_for_gemm` returns for an ``x``
     whose shape, with the quantization axis moved last, is ``shape`` (for fake implementations)."""
     spec = quantizer.spec

@@ -86,7 +86,8 @@ class MatmulQuantizers:
         """Per operand (``a``, ``b``, ``grad``): whether it is quantized once per step, the condition
         for a delayed-scaling state, which records one amax per step."""
         inference = not self.quantizes_backward
-        return {"a": self.hoists_a or self.shares_a or inference, "b": self.hoists_b or self.shares_b or inference,
+        return {"a": self.hoists_a or self.shares_a or inference,
+                "b": self.hoists_b or self.shares_b or inference,
                 "grad": self.shares_grad}
 
     def to_json(self) -> str:

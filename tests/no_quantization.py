@@ -28,7 +28,8 @@ def quantization_off():
 
     matmul = qpass.ops.matmul
     originals = qpass.ops.qdq.quantize_operand, matmul.operand, matmul.quantize_ahead
-    qpass.ops.qdq.quantize_operand, matmul.operand, matmul.quantize_ahead = identity, identity_operand, nothing_ahead
+    qpass.ops.qdq.quantize_operand, matmul.operand, matmul.quantize_ahead = (
+        identity, identity_operand, nothing_ahead)
     try:
         yield
     finally:

@@ -10,7 +10,8 @@ from qpass import Quantizer, Recipe, get_recipe
 from qpass.recipes import GemmOverrides
 
 SPEC_RECIPES = ["fp8-train", "fp8-rowwise-train", "mxfp8-train", "mxfp6-train", "fp4-train", "nvfp4-train",
-                "mxfp4-train", "fp8-infer", "mxfp8-infer", "mxfp6-infer", "mxfp4-infer", "nvfp4-infer", "mxfp4-weight-only"]
+                "mxfp4-train", "fp8-infer", "mxfp8-infer", "mxfp6-infer", "mxfp4-infer", "nvfp4-infer",
+                "mxfp4-weight-only"]
 
 
 def test_builtin_recipes_are_the_spec_ones():
@@ -110,7 +111,8 @@ def test_nvfp4_and_mxfp4_train_rotations():
     (lambda: get_recipe("fp8-train").with_overrides(hadamard=qpass.Rotation(32, resample=True)), ValueError,
      "backward GEMMs"),
     (lambda: qpass.DGE(k=0.5), ValueError, "k must be >= 1"),
-    (lambda: get_recipe("fp4"), ValueError, "unknown recipe 'fp4'; expected one of fp8-train, fp8-rowwise-train, mxfp8-train"),
+    (lambda: get_recipe("fp4"), ValueError,
+     "unknown recipe 'fp4'; expected one of fp8-train, fp8-rowwise-train, mxfp8-train"),
     (lambda: get_recipe("fp8-train").with_overrides(atention=True), ValueError,
      r"'atention'; valid keys: input"),
     (lambda: get_recipe("fp8-train").with_overrides(hadamard="block48"), ValueError,

@@ -61,7 +61,8 @@ def test_each_site_says_which_gemm_runs_it():
     assert rows["fp8-train"] == "scaled_mm tensorwise"
     assert rows["fp8-rowwise-train"] == "scaled_mm rowwise"
     # No CPU kernel takes MX block scales: the reference, and the reason.
-    assert rows["mxfp8-train"] == "reference: no scaled GEMM on cpu takes mxfp8_e4m3(rceil) x mxfp8_e4m3(rceil)"
+    assert rows["mxfp8-train"] == ("reference: no scaled GEMM on cpu takes "
+                                   "mxfp8_e4m3(rceil) x mxfp8_e4m3(rceil)")
     mixed = qpass.report(compiled("fp8-train", **{"wgrad.input": "mxfp8_e4m3"})).quantized[0]["gemm"]
     assert mixed.startswith("fprop scaled_mm tensorwise; dgrad scaled_mm tensorwise; wgrad reference: ")
 

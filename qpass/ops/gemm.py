@@ -78,7 +78,8 @@ def cuda_rejects(x: Tensor, y_t: Tensor, scale_x: Tensor, scale_y: Tensor, out_d
         return "a bias needs a bf16 or fp16 output"
     rowwise = scale_x.numel() > 1 or scale_y.numel() > 1
     if rowwise and (scale_x.shape != (m, 1) or scale_y.shape != (1, n)):
-        return f"rowwise scales must be ({m}, 1) and (1, {n}), got {tuple(scale_x.shape)}, {tuple(scale_y.shape)}"
+        return (f"rowwise scales must be ({m}, 1) and (1, {n}), "
+                f"got {tuple(scale_x.shape)}, {tuple(scale_y.shape)}")
     return None
 
 
@@ -86,7 +87,8 @@ def _padded(operand: GemmOperand, rows: int, k: int) -> tuple[Tensor, Tensor]:
     """Codes zero-padded to ``rows x k`` and scales to ``rows`` (padding rows scale by 1: they are 0)."""
     codes, scales = operand.codes, operand.scales
     if codes.shape != (rows, k):
-        codes = F.pad(codes.view(torch.uint8), (0, k - codes.shape[1], 0, rows - codes.shape[0])).view(codes.dtype)
+        codes = F.pad(codes.view(torch.uint8),
+                      (0, k - codes.shape[1], 0, rows - codes.shape[0])).view(codes.dtype)
     if scales.numel() > 1 and scales.shape[0] != rows:
         scales = F.pad(scales, (0, 0, 0, rows - scales.shape[0]), value=1.0)
     return codes, scales

@@ -4,8 +4,8 @@ Triton kernels.
 ``qpass::fake_quantize_kernel``  a rotation and QDQ in one generated kernel, in place of ``rotate``
                                  and ``quantize_dequantize``.
 ``qpass::packed_linear``         ``Q(x) · Wᵀ + bias`` with W stored packed (codes and scales): the
-                                 generated dequant-matmul kernel where the lowering chose kernels,
-                                 else the reference, the same values as the unlowered graph.
+                                 scaled GEMM, or the generated dequant-matmul kernel for what no
+                                 scaled matmul takes where the lowering chose kernels.
 
 Both run the kernels on whatever device their input is on: the lowering inserts them only where the
 kernels run (CUDA, or Triton's interpreter when asked with ``kernels="interpret"``).
@@ -16,8 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qpass.formats import QTensor, dequantize
+from qpass.formats import QTensor
+from qpass.gemm_operand import from_qtensor
 from qpass.ops import qdq
+from qpass.ops.gemm import route, scaled_gemm
+from qpass.ops.matmul import operand
 from qpass.ops.registry import PACKED_WEIGHTS
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
@@ -64,16 +67,19 @@ def register_packed_weight(weight: QTensor) -> str:
 
 @torch.library.custom_op("qpass::packed_linear", mutates_args=())
 def packed_linear(
-    x: Tensor, bias: Tensor | None, weight: str, out_features: int, input_quantizer: str, rotation: str,
-    kernels: bool
+    x: Tensor, bias: Tensor | None, weight: str, weight_quantizer: str, out_features: int,
+    input_quantizer: str, rotation: str, kernels: bool
 ) -> Tensor:
     """``Q(rotate(x)) · Wᵀ + bias`` for a weight stored packed (:func:`register_packed_weight`'s
-    key ``weight``: a QTensor of W ``[N, K]`` quantized along K, after ``rotation``). With
-    ``kernels``, the generated dequant-matmul kernel, which quantizes x on the fly where it can."""
+    key ``weight``: a QTensor of W ``[N, K]`` quantized along K by ``weight_quantizer``, after
+    ``rotation``), by the scaled GEMM (:mod:`qpass.ops.gemm`: FP8 per tensor or per row runs on
+    ``_scaled_mm``). With ``kernels``, what no scaled matmul takes runs the generated dequant-matmul
+    kernel, which quantizes x on the fly where it can (weight-only MXFP4/NVFP4 at decode)."""
     qt = PACKED_WEIGHTS[weight]
+    w = from_qtensor(qt, Quantizer.from_json(weight_quantizer))
     a_q = Quantizer.from_json(input_quantizer) if input_quantizer else None
     r = Rotation.from_json(rotation) if rotation else None
-    if kernels:
+    if kernels and not route(a_q, w.quantizer, x.device).startswith("scaled_mm"):
         from qpass import codegen  # imports triton: only once kernels were chosen
 
         if r is not None:  # a rotated input is quantized by its own kernel, then multiplied as it is
@@ -81,12 +87,10 @@ def packed_linear(
                  else torch.ops.qpass.rotate(x, rotation, -1))
             a_q = None
         return codegen.weight_matmul(x, qt, bias, input_quantizer=a_q, out_dtype=x.dtype)
-    x = qdq.quantize_operand(a_q, x, -1, rotation=r).to(x.dtype)
-    # the unlowered graph's layout: same sums
-    out = torch.matmul(x, dequantize(qt).to(x.dtype).mT.contiguous())
+    out = scaled_gemm(operand(a_q, x, -1, rotation=r), w, x.dtype)
     return out if bias is None else out + bias
 
 
 @packed_linear.register_fake
-def _(x, bias, weight, out_features, input_quantizer, rotation, kernels):
+def _(x, bias, weight, weight_quantizer, out_features, input_quantizer, rotation, kernels):
     return x.new_empty((*x.shape[:-1], out_features))

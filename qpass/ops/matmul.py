@@ -100,7 +100,8 @@ def _gemm_operand_fake(x, quantizer, axis, rotation, state, kernels):
 # so that each call stays its own.
 gemm_operand = torch.library.custom_op("qpass::gemm_operand", operand_tensors, mutates_args=())
 gemm_operand_stochastic = torch.library.custom_op(
-    "qpass::gemm_operand_stochastic", operand_tensors, mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+    "qpass::gemm_operand_stochastic", operand_tensors, mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded,))
 gemm_operand.register_fake(_gemm_operand_fake)
 gemm_operand_stochastic.register_fake(_gemm_operand_fake)
 
@@ -112,7 +113,8 @@ def quantize_ahead(quantizer: Quantizer | None, x: Tensor, axis: int, kernels: b
         return []
     op = gemm_operand_stochastic if quantizer.rounding == "stochastic" else gemm_operand
     # Detached: codes and scales carry no gradient; the product's backward is the gradient of x.
-    return list(op(x.detach(), quantizer.to_json(), axis, rotation.to_json() if rotation else "", state, kernels))
+    return list(op(x.detach(), quantizer.to_json(), axis,
+                   rotation.to_json() if rotation else "", state, kernels))
 
 
 def _from_tensors(tensors: list[Tensor], quantizer: Quantizer | None, x: Tensor, axis: int,
@@ -218,7 +220,8 @@ _backward = torch.library.custom_op("qpass::quantized_matmul_backward", backward
 
 
 @_backward.register_fake
-def _(grad, a, b, a_saved, b_saved, a_shape, b_shape, a_dtype, b_dtype, quantizers, execution, need_a, need_b):
+def _(grad, a, b, a_saved, b_saved, a_shape, b_shape, a_dtype, b_dtype, quantizers, execution,
+      need_a, need_b):
     return (grad.new_empty(a_shape, dtype=a_dtype) if need_a else grad.new_empty(0),
             grad.new_empty(b_shape, dtype=b_dtype) if need_b else grad.new_empty(0))
 

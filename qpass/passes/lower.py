@@ -36,8 +36,8 @@ from qpass.ops.gemm import route
 from qpass.ops.kernels import register_packed_weight
 from qpass.passes.kinds import meta_value
 from qpass.passes.plan import ProductPlan, SitePlan
-from qpass.quantized import without_hoisted
 from qpass.passes.quantize import recompiled, replace_node
+from qpass.quantized import without_hoisted
 from qpass.quantizer import Quantizer
 
 KERNEL_CHOICES = ("auto", "triton", "interpret", "reference")
@@ -102,7 +102,7 @@ def _kernels_unsupported(product: ProductPlan) -> str | None:
 def _gemm_routes(plan: SitePlan, target: Target) -> str:
     """Which GEMM runs each of the site's GEMMs (:func:`qpass.ops.gemm.route`), as the report says it."""
     if plan.lowering == PACKED:
-        return f"packed_linear: {plan.backend}"
+        return f"packed_linear ({plan.backend})"
     device = "cuda" if target.on_cuda else "cpu"
     batched = any(meta_value(node).ndim > 2 for node in plan.site.operands[1:]
                   if isinstance(meta_value(node), torch.Tensor))
@@ -153,7 +153,10 @@ def _lowered(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor], target: Ta
     where = ("" if target.runs_kernels
              else " (their reference implementations: the graph does not run on CUDA)")
     if _packed_weight(plan, parameters, target) is not None:
-        backend = f"{plan.products[0].quantizers.b} weight packed, Triton dequant-matmul{where}"
+        q = plan.products[0].quantizers
+        gemm = route(q.a, q.b, "cuda" if target.on_cuda else "cpu")
+        gemm = gemm if gemm.startswith("scaled_mm") else f"Triton dequant-matmul{where}"
+        backend = f"{q.b} weight packed, {gemm}"
         return replace(plan, lowering=PACKED, backend=backend).noted(f"kernels: {backend}")
     why = next((why for p in plan.products if (why := _kernels_unsupported(p))), None)
     if why is not None:
@@ -211,7 +214,7 @@ def pack_weights(
             qt = quantize(w, q.b.spec, axis=-1, rounding=q.b.rounding)
         # The graph module keeps the packed weight alive; the op finds it by key.
         gm._qpass_packed_weights = [*getattr(gm, "_qpass_packed_weights", []), qt]
-        args = (bound["input"], bound["bias"], register_packed_weight(qt), qt.shape[0],
+        args = (bound["input"], bound["bias"], register_packed_weight(qt), q.b.to_json(), qt.shape[0],
                 q.a.to_json() if q.a else "", q.rotation.to_json() if q.rotation else "", target.runs_kernels)
         replace_node(gm.graph, node, torch.ops.qpass.packed_linear.default, args)
     return recompiled(gm, bool(packed))

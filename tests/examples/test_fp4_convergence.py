@@ -106,6 +106,7 @@ def test_with_identity_quantizers_a_quantized_run_is_the_baseline():
     initial = demo.build_model(args)
     with quantization_off():
         losses = {
-            run: demo.train(demo.prepare(initial, run), run, batches, args)[0] for run in ("fp32", "fp8-train")
+            run: demo.train(demo.prepare(initial, run), run, batches, args)[0]
+            for run in ("fp32", "fp8-train")
         }
     assert losses["fp8-train"] == losses["fp32"]

@@ -81,7 +81,8 @@ def test_the_validator_rejects_on_the_cpu_what_cuda_rejects():
     bias = torch.zeros(48, dtype=torch.float32)
     assert "bias" in gemm.cuda_rejects(a, b.t(), one, one, torch.float32, bias=bias)
     assert gemm.cuda_rejects(a, b.t(), one, one, torch.bfloat16, bias=bias.bfloat16()) is None
-    assert "rowwise scales" in gemm.cuda_rejects(a, b.t(), torch.ones(32, 1), torch.ones(48, 1), torch.bfloat16)
+    assert "rowwise scales" in gemm.cuda_rejects(a, b.t(), torch.ones(32, 1), torch.ones(48, 1),
+                                                 torch.bfloat16)
     assert "sm89" in gemm.cuda_rejects(a, b.t(), one, one, torch.bfloat16, capability=(8, 0))
 
 
@@ -89,8 +90,10 @@ def test_a_misaligned_call_is_checked_as_cuda_gets_it_padded(monkeypatch):
     """K = 40, N = 50: the CPU multiplies as they are; the call checked is CUDA's, padded to 48 x 64."""
     checked = []
     rejects = gemm.cuda_rejects
-    monkeypatch.setattr(gemm, "cuda_rejects", lambda *args, **kw: checked.append(args) or rejects(*args, **kw))
-    x, y = quantize_for_gemm(torch.randn(7, 40), ROWWISE, -1), quantize_for_gemm(torch.randn(50, 40), ROWWISE, -1)
+    monkeypatch.setattr(gemm, "cuda_rejects",
+                        lambda *args, **kw: checked.append(args) or rejects(*args, **kw))
+    x, y = (quantize_for_gemm(torch.randn(7, 40), ROWWISE, -1),
+            quantize_for_gemm(torch.randn(50, 40), ROWWISE, -1))
     assert_same(gemm.scaled_gemm(x, y, torch.float32), reference(x, y))
     (codes, codes_t, scale_x, scale_y, _), = checked
     assert codes.shape == (7, 48) and codes_t.shape == (48, 64) and scale_y.shape == (1, 64)

@@ -77,7 +77,8 @@ def test_gradients_not_needed_are_not_computed():
     assert w.grad.shape == w.shape and a.grad is None
     nothing = []
     da, db = torch.ops.qpass.quantized_matmul_backward(
-        torch.ones(4, 8), a, w.mT, nothing, nothing, [4, 64], [64, 8], torch.float32, torch.float32, *op_config(CASES["mxfp8"]), False, True)
+        torch.ones(4, 8), a, w.mT, nothing, nothing, [4, 64], [64, 8], torch.float32, torch.float32,
+        *op_config(CASES["mxfp8"]), False, True)
     assert da.numel() == 0 and db.shape == (64, 8)
 
 
