@@ -319,7 +319,7 @@ def test_recompiling_replaces_the_recipe_with_a_warning():
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda: qpass.compile(nn.Linear(4, 4), "fp9-train"), ValueError,
-     "expected one of fp8-train, mxfp8-train"),
+     "expected one of fp8-train, fp8-rowwise-train, mxfp8-train"),
     (lambda: qpass.compile(nn.Linear(4, 4), "fp8-train", atention=True), ValueError,
      "valid keys: input, weight"),
     (lambda: qpass.compile(nn.Linear(4, 4), backend="tensorrt"), ValueError, "inductor, aot_eager, eager"),

@@ -1,4 +1,4 @@
-"""Every Python example in the README runs as written."""
+"""Every Python example in the README (and in docs/gemms.md) runs as written."""
 
 import re
 from pathlib import Path
@@ -19,3 +19,8 @@ def test_readme_example_runs(index):
     namespace: dict = {}
     for block in BLOCKS[: index + 1]:
         exec(compile(block, f"README.md block {index}", "exec"), namespace)
+
+
+def test_the_gemm_docs_example_runs():
+    (block,) = re.findall(r"```python\n(.*?)```", (README.parent / "docs" / "gemms.md").read_text(), re.S)
+    exec(compile(block, "docs/gemms.md", "exec"), {})
