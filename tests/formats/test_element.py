@@ -15,7 +15,7 @@ import pytest
 import torch
 from oracles import ALL_FORMATS, FLOAT_FORMATS, ML_DTYPE
 
-from qpass.formats.element import ELEMENT_FORMATS, code_table, decode, encode
+from qpass.formats.element import ELEMENT_FORMATS, code_table, decode, encode, encode_by_bits
 from qpass.formats.rounding import round_to_element
 
 # SPEC section 1, typed in by hand (None where the SPEC table says "–").
@@ -281,3 +281,16 @@ def test_formats_without_specials_encode_nonfinite_to_zero(name):
     fmt = ELEMENT_FORMATS[name]
     x = torch.cat([torch.tensor([math.nan, math.inf, -math.inf]), NEG_NAN])
     assert encode(x, fmt).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_torch_casts_encode_and_decode_as_the_bits_do(name):
+    """encode/decode take torch's float8 casts for the fp8 formats: the same codes as the definition
+    for every code's value, both zeros, NaN of either sign, and Inf (a NaN code in E4M3)."""
+    fmt = ELEMENT_FORMATS[name]
+    codes = torch.arange(256, dtype=torch.uint8)
+    values = torch.cat([code_table(fmt)[codes.long()],
+                        torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0])])
+    assert torch.equal(encode(values, fmt), encode_by_bits(values, fmt))
+    torch.testing.assert_close(
+        decode(codes, fmt), code_table(fmt)[codes.long()], rtol=0, atol=0, equal_nan=True)
