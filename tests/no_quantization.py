@@ -18,12 +18,13 @@ def quantization_off():
         return (x.clone() if rotation is None
                 else rotation(x, axis, signs=None if signs is None else signs.to(x.dtype)))
 
-    def identity_operand(quantizer, x, axis, state="", rotation=None, signs=None, kernels=False):
+    def identity_operand(quantizer, x, axis, state="", rotation=None, signs=None, kernels=False,
+                         values=False):
         return identity(quantizer, x, axis, state, rotation, signs).movedim(axis, -1)
 
     # No operand quantized ahead of a product, so none saved quantized: each GEMM "quantizes" its
     # operands from the high-precision tensors, unchanged.
-    def nothing_ahead(quantizer, x, axis, kernels, state="", rotation=None):
+    def nothing_ahead(quantizer, x, axis, kernels, state="", rotation=None, values=False):
         return []
 
     matmul = qpass.ops.matmul

@@ -23,21 +23,25 @@ from qpass.execution import Execution
 from qpass.gemm_operand import GemmOperand, empty_tensors, from_qtensor, quantize_for_gemm, transposed
 from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.ops import qdq
-from qpass.ops.gemm import Operand, scaled_gemm
+from qpass.ops.gemm import Operand, route, scaled_gemm
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 
 
 def operand(
     quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "", rotation: Rotation | None = None,
-    signs: Tensor | None = None, kernels: bool = False,
+    signs: Tensor | None = None, kernels: bool = False, values: bool = False,
 ) -> Operand:
     """``x`` (rotated first, if asked) quantized along ``axis`` for a GEMM, that axis moved last; a
     high-precision operand is ``x``'s fp32 values so moved. ``kernels``: by the generated Triton
-    kernel (the lowering chose it: never with a ``state``)."""
-    if quantizer is None:
+    kernel (the lowering chose it: never with a ``state``). ``values``: for a GEMM that multiplies
+    values (the reference route), the fake-quantized fp32 values, which are the codes' values (and
+    the same random draws) without encoding and decoding them."""
+    if quantizer is None or (values and not kernels):
         x = x.detach().float()
-        return (x if rotation is None else rotation(x, axis, signs=signs)).movedim(axis, -1)
+        x = x if rotation is None else rotation(x, axis, signs=signs)
+        x = x if quantizer is None else quantizer(x, axis, qdq.delayed_state(state, x.device))
+        return x.movedim(axis, -1)
     if kernels:
         from qpass import codegen  # imports triton: only once kernels were chosen
 
@@ -83,16 +87,22 @@ def _lengths(q: MatmulQuantizers, m: int, n: int) -> tuple[int, int]:
             n if q.da_rotation is None else q.da_rotation.padded(n))
 
 
-def operand_tensors(x: Tensor, quantizer: str, axis: int, rotation: str, state: str,
-                  kernels: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``x`` quantized along ``axis`` for a GEMM, as :meth:`GemmOperand.tensors`."""
+def operand_tensors(x: Tensor, quantizer: str, axis: int, rotation: str, state: str, kernels: bool,
+                    values: bool) -> list[Tensor]:
+    """``x`` quantized along ``axis`` for a GEMM, as :meth:`GemmOperand.tensors` (``values``: its
+    fp32 values alone, :func:`operand`)."""
     r = Rotation.from_json(rotation) if rotation else None
-    return operand(Quantizer.from_json(quantizer), x, axis, state, r, kernels=kernels).tensors()
+    op = operand(Quantizer.from_json(quantizer), x, axis, state, r, kernels=kernels, values=values)
+    return [op.contiguous()] if isinstance(op, Tensor) else list(op.tensors())
 
 
-def _gemm_operand_fake(x, quantizer, axis, rotation, state, kernels):
-    return empty_tensors(Quantizer.from_json(quantizer), x.movedim(axis, -1).shape,
-                         Rotation.from_json(rotation) if rotation else None, x.device)
+def _gemm_operand_fake(x, quantizer, axis, rotation, state, kernels, values):
+    r = Rotation.from_json(rotation) if rotation else None
+    shape = list(x.movedim(axis, -1).shape)
+    if values and not kernels:
+        shape[-1] = shape[-1] if r is None else r.padded(shape[-1])
+        return [x.new_empty(shape, dtype=torch.float32)]
+    return list(empty_tensors(Quantizer.from_json(quantizer), shape, r, x.device))
 
 
 # Two ops of one implementation: equal calls of the first are one (the graph's CSE quantizes an
@@ -107,21 +117,30 @@ gemm_operand_stochastic.register_fake(_gemm_operand_fake)
 
 
 def quantize_ahead(quantizer: Quantizer | None, x: Tensor, axis: int, kernels: bool, state: str = "",
-                     rotation: Rotation | None = None) -> list[Tensor]:
-    """The graph node that quantizes ``x`` for one of the product's GEMMs (nothing: high precision)."""
+                   rotation: Rotation | None = None, values: bool = False) -> list[Tensor]:
+    """The graph node that quantizes ``x`` for one of the product's GEMMs (nothing: high precision;
+    ``values``: see :func:`operand`)."""
     if quantizer is None:
         return []
     op = gemm_operand_stochastic if quantizer.rounding == "stochastic" else gemm_operand
     # Detached: codes and scales carry no gradient; the product's backward is the gradient of x.
     return list(op(x.detach(), quantizer.to_json(), axis,
-                   rotation.to_json() if rotation else "", state, kernels))
+                   rotation.to_json() if rotation else "", state, kernels, values))
+
+
+def _multiplies_values(x: Quantizer | None, y: Quantizer | None, tensor: Tensor, batched: bool) -> bool:
+    """The GEMM of operands so quantized runs the reference: it multiplies their values."""
+    return route(x, y, tensor.device, batched).startswith("reference")
 
 
 def _from_tensors(tensors: list[Tensor], quantizer: Quantizer | None, x: Tensor, axis: int,
                   rotation: Rotation | None) -> Operand:
-    """The operand the graph quantized, or ``x`` in high precision."""
+    """The operand the graph quantized (codes and scales, or its values alone), or ``x`` in high
+    precision."""
     if not tensors:
         return operand(None, x, axis, rotation=rotation)
+    if len(tensors) == 1:
+        return tensors[0]
     length = x.shape[axis] if rotation is None else rotation.padded(x.shape[axis])
     return GemmOperand.from_tensors(tensors, quantizer, length)
 
@@ -150,16 +169,18 @@ def quantized_matmul(a: Tensor, b: Tensor, quantizers: str, execution: str) -> T
     the product, with those that backward can use saved for it."""
     q, run = MatmulQuantizers.from_json(quantizers), Execution.from_json(execution)
     kernels = run.kernels
-    a_k = quantize_ahead(q.a, a, -1, kernels, run.a_state, q.rotation)
-    b_k = quantize_ahead(q.b, b, -2, kernels, run.b_state, q.rotation)
     save_a, save_b = saved_in_low_precision(q, run)
     # Each saved operand serves the gradient of the *other* operand.
     grad = torch.is_grad_enabled()
+    save_a, save_b = save_a and grad and b.requires_grad, save_b and grad and a.requires_grad
+    values = _multiplies_values(q.a, q.b, a, b.ndim > 2)
+    a_k = quantize_ahead(q.a, a, -1, kernels, run.a_state, q.rotation, values and not (q.shares_a and save_a))
+    b_k = quantize_ahead(q.b, b, -2, kernels, run.b_state, q.rotation, values and not (q.shares_b and save_b))
     a_saved = b_saved = []
-    if save_a and grad and b.requires_grad:
+    if save_a:
         a_saved = a_k if q.shares_a else quantize_ahead(q.db_a, _wgrad_input(a, b), -2, kernels,
                                                           rotation=q.db_rotation)
-    if save_b and grad and a.requires_grad:
+    if save_b:
         b_saved = b_k if q.shares_b else quantize_ahead(q.da_b, b, -1, kernels, rotation=q.da_rotation)
     return torch.ops.qpass.quantized_matmul(a, b, a_k, b_k, a_saved, b_saved, quantizers, execution)
 
@@ -184,18 +205,23 @@ def backward_gemms(
     m_length, n_length = _lengths(q, math.prod(grad.shape[:-1]) if len(b_shape) == 2 else grad.shape[-2],
                                   grad.shape[-1])
     kernels, accumulated = run.kernels, torch.promote_types(grad.dtype, torch.float32)
-    shared = operand(q.da_grad, grad, -1, run.grad_state, kernels=kernels) if q.shares_grad else None
+    batched = len(b_shape) > 2
+    dgrad_values = _multiplies_values(q.da_grad, q.da_b, grad, batched)
+    wgrad_values = _multiplies_values(q.db_a, q.db_grad, grad, batched)
+    shared = (operand(q.da_grad, grad, -1, run.grad_state, kernels=kernels,
+                      values=dgrad_values and wgrad_values) if q.shares_grad else None)
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
         signs = qdq.draw_signs(q.da_rotation, grad.shape[-1])
         dy = shared if shared is not None else operand(
-            q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs, kernels=kernels)
+            q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs, kernels=kernels, values=dgrad_values)
         if q.shares_b and b_saved:  # the forward's B along K, one scale: the same codes transposed
             b_n = _other_orientation(GemmOperand.from_tensors(b_saved, q.b, b_shape[-2]), False)
         elif b_saved:
             b_n = GemmOperand.from_tensors(b_saved, q.da_b, n_length)
         else:
-            b_n = operand(q.da_b, b, -1, rotation=q.da_rotation, signs=signs, kernels=kernels)
+            b_n = operand(q.da_b, b, -1, rotation=q.da_rotation, signs=signs, kernels=kernels,
+                          values=dgrad_values)
         grad_a = scaled_gemm(dy, b_n, accumulated).sum_to_size(a_shape)
         grad_a = (grad_a if q.a is None else q.a.gradient(grad_a, a, -1)).to(a_dtype)
     if need_b:
@@ -203,14 +229,15 @@ def backward_gemms(
             grad = grad.reshape(-1, grad.shape[-1])
         signs = qdq.draw_signs(q.db_rotation, grad.shape[-2])
         dy = (_other_orientation(shared, len(b_shape) == 2) if shared is not None
-              else operand(q.db_grad, grad, -2, rotation=q.db_rotation, signs=signs, kernels=kernels))
+              else operand(q.db_grad, grad, -2, rotation=q.db_rotation, signs=signs, kernels=kernels,
+                           values=wgrad_values))
         if q.shares_a and a_saved:
             a_m = _other_orientation(GemmOperand.from_tensors(a_saved, q.a, a_shape[-1]), len(b_shape) == 2)
         elif a_saved:
             a_m = GemmOperand.from_tensors(a_saved, q.db_a, m_length)
         else:
             a_m = operand(q.db_a, a.reshape(-1, a.shape[-1]) if len(b_shape) == 2 else a, -2,
-                          rotation=q.db_rotation, signs=signs, kernels=kernels)
+                          rotation=q.db_rotation, signs=signs, kernels=kernels, values=wgrad_values)
         grad_b = scaled_gemm(a_m, dy, accumulated).sum_to_size(b_shape)
         grad_b = (grad_b if q.b is None else q.b.gradient(grad_b, b, -2)).to(b_dtype)
     return grad_a, grad_b
