@@ -2,7 +2,10 @@
 
 - :mod:`~qpass.ops.qdq`: ``qpass::quantize_dequantize`` (one operand's QDQ, straight-through or DGE
   gradient) and ``qpass::rotate`` (a Hadamard rotation along one axis; its gradient is the inverse).
-- :mod:`~qpass.ops.matmul`: ``qpass::quantized_matmul`` with its SPEC section 6 backward.
+- :mod:`~qpass.ops.gemm`: the scaled GEMM every quantized GEMM runs through (``_scaled_mm``, the
+  Triton dequant GEMM or the reference), and the cuBLASLt constraints it checks.
+- :mod:`~qpass.ops.matmul`: ``qpass::gemm_operand`` (an operand quantized for a GEMM) and
+  ``qpass::quantized_matmul`` with its SPEC section 6 backward.
 - :mod:`~qpass.ops.kernels`: ``qpass::fake_quantize_kernel`` and ``qpass::packed_linear``, the
   generated Triton kernels of a lowered graph.
 - :mod:`~qpass.ops.stored`: ``qpass::dequantize_packed``, a weight stored quantized (ONNX export).
@@ -15,6 +18,6 @@ implementation, so torch.compile traces them without graph breaks, and takes its
 strings, so an exported graph says what it computes. Importing this package registers them all.
 """
 
-from qpass.ops import clamping, kernels, matmul, qdq, stored
+from qpass.ops import clamping, gemm, kernels, matmul, qdq, stored
 
-__all__ = ["clamping", "kernels", "matmul", "qdq", "stored"]
+__all__ = ["clamping", "gemm", "kernels", "matmul", "qdq", "stored"]

@@ -3,13 +3,14 @@ and wgrad GEMMs of SPEC section 6, and what backward needs saved in low precisio
 
 ``A [..., M, K] · B [..., K, N]``; each GEMM quantizes its operands along its own reduction axis
 (:mod:`qpass.ops.gemm` multiplies them): the forward ``A along K · B along K``, dgrad
-``dY along N · B along N``, wgrad ``A along M · dY along M``. The forward quantizes A and B for
-their backward GEMMs too, wherever that quantization is fixed by the forward's inputs (no
-stochastic rounding, no signs drawn in backward, no estimator that needs the input): the op returns
-those codes and scales beside the product, and backward is saved them instead of A and B. An
-operand quantized per tensor the same way in both its GEMMs is quantized once, and its codes serve
-both (transposed for the other). The quantizers and the execution come as JSON
-(:class:`~qpass.matmul_quantizers.MatmulQuantizers`, :class:`~qpass.execution.Execution`).
+``dY along N · B along N``, wgrad ``A along M · dY along M``. ``qpass::gemm_operand`` nodes quantize
+the forward's operands before the product (equal nodes are one after the graph's CSE), and A and B
+for their backward GEMMs too wherever the forward's inputs fix that quantization (no stochastic
+rounding, no signs drawn in backward, no estimator that needs the input): backward is saved those
+codes and scales instead of A and B. An operand quantized per tensor the same way in both its GEMMs
+is quantized once, and its codes serve both (transposed for the other). The quantizers and the
+execution come as JSON (:class:`~qpass.matmul_quantizers.MatmulQuantizers`,
+:class:`~qpass.execution.Execution`).
 """
 
 from __future__ import annotations
@@ -194,12 +195,11 @@ def backward_gemms(
 
     ``a``, ``b``: the forward's inputs, or empty where the forward saved their backward operands
     (``a_saved``, ``b_saved``: codes, scales, global scale); the gradients come in ``a_dtype`` and
-    ``b_dtype``. When B is a matrix shared by every
-    batch entry (a linear layer's weight), M is all of A's leading dimensions flattened; otherwise
-    each batch entry has its own M. Gradients not needed come back empty. An operand whose forward
-    quantizer has a DGE gets its gradient reshaped by it. Random draws (resampled rotation signs,
-    stochastic rounding) come from torch's default generators in this order: a shared dY; dgrad's
-    signs, dY, B; wgrad's signs, dY, A.
+    ``b_dtype``. When B is a matrix shared by every batch entry (a linear layer's weight), M is all
+    of A's leading dimensions flattened; otherwise each batch entry has its own M. Gradients not
+    needed come back empty. An operand whose forward quantizer has a DGE gets its gradient reshaped
+    by it. Random draws (resampled rotation signs, stochastic rounding) come from torch's default
+    generators in this order: a shared dY; dgrad's signs, dY, B; wgrad's signs, dY, A.
     """
     q, run = MatmulQuantizers.from_json(quantizers), Execution.from_json(execution)
     m_length, n_length = _lengths(q, math.prod(grad.shape[:-1]) if len(b_shape) == 2 else grad.shape[-2],
