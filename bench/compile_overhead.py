@@ -351,8 +351,10 @@ def profile_step(trainer: Trainer, tokens: torch.Tensor, extra_s: float, steps: 
         found = [v[column] for k, v in stats.items() if k[0].endswith(file) and k[2] == function]
         return sum(found) / steps
 
-    # quantize_for_gemm is every quantization of an operand: the custom ops call it for each one.
-    fake_quant = per_step("gemm_operand.py", "quantize_for_gemm")
+    # Every quantization of an operand: to codes (quantize_for_gemm) or, for a GEMM that multiplies
+    # values (the reference route), to its fake-quantized values (Quantizer.__call__).
+    count = per_step("gemm_operand.py", "quantize_for_gemm", 1) + per_step("quantizer.py", "__call__", 1)
+    fake_quant = per_step("gemm_operand.py", "quantize_for_gemm") + per_step("quantizer.py", "__call__")
     stages = {
         "scales (amax, E8M0)": per_step("scaling.py", "compute_scales"),
         "rounding": per_step("rounding.py", "round_to_element"),
@@ -365,8 +367,8 @@ def profile_step(trainer: Trainer, tokens: torch.Tensor, extra_s: float, steps: 
     heaviest = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:6]
     return [
         f"- profile of {steps} {trainer.name} steps (cProfile, wall time, {_ms(step_s)}/step under the "
-        f"profiler): the {per_step('gemm_operand.py', 'quantize_for_gemm', 1):.0f} operand quantizations of "
-        f"a step (`qpass.gemm_operand.quantize_for_gemm`, i.e. `qpass.formats.quantize`, the eager "
+        f"profiler): the {count:.0f} operand quantizations of a step (to codes by "
+        f"`qpass.gemm_operand.quantize_for_gemm`, or to values by `Quantizer.__call__`: the eager "
         f"reference numerics, inside qpass's custom ops) take {_ms(fake_quant)}, {fake_quant / step_s:.0%} "
         f"of the step; the GEMMs run on `_scaled_mm` where the format allows; "
         f"unprofiled, the step costs {_ms(extra_s)} more than the unquantized one.",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qpass.formats.bits import F32_EXP_BIAS, F32_EXP_MASK, F32_MANTISSA_BITS, floor_log2, pow2
-from qpass.formats.element import TORCH_FLOAT8, ElementFormat
+from qpass.formats.element import ElementFormat
 
 ROUNDING_MODES = ("rne", "stochastic", "away")
 
@@ -56,24 +56,8 @@ def round_to_element(
 
     NaN stays NaN; ±Inf stays ±Inf where the format has Inf and becomes NaN where it does not
     (overflow is never hidden as a finite number); finite values beyond max normal saturate.
-    Round-half-to-even into an fp8 format is torch's own cast (several times faster), which
-    :func:`round_by_bits` defines: clamping first changes nothing, max normal being on the grid.
     """
     check_rounding(rounding)
-    dtype = TORCH_FLOAT8.get(fmt.name)
-    if rounding == "rne" and dtype is not None:
-        values = x.clamp(-fmt.max_normal, fmt.max_normal).to(dtype).float()
-        return torch.where(x.isinf(), x if fmt.has_inf else torch.nan, values)
-    return round_by_bits(x, fmt, rounding, generator)
-
-
-def round_by_bits(
-    x: torch.Tensor,
-    fmt: ElementFormat,
-    rounding: str = "rne",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """:func:`round_to_element` by the bits of ``x``: the step of its binade, scale, round, scale back."""
     # The step and its reciprocal are built straight from x's exponent bits: 2^(E - 127 - mbits)
     # with E the biased fp32 exponent, clamped below at the subnormal binade and above so that
     # neither power of two leaves fp32's normal range (NaN/Inf stay NaN/Inf regardless).
