@@ -9,9 +9,10 @@ torch.export trace them into the :mod:`qpass.ops` custom ops:
 - a product whose recipe quantizes nothing in backward (inference) becomes QDQ nodes (after
   ``qpass::rotate`` nodes where the recipe rotates) and a plain matmul, with a straight-through
   backward;
-- a training product becomes one ``qpass::quantized_matmul`` (SPEC section 6 backward), preceded by
-  QDQ nodes for operands quantized the same per-tensor way in both their GEMMs: quantized once and
-  saved quantized, as Transformer Engine does (and where delayed scaling records their amax).
+- a training product becomes ``qpass::gemm_operand`` nodes and one ``qpass::quantized_matmul``
+  (SPEC section 6 backward, :mod:`qpass.ops.matmul`), which saves for backward the operands' codes;
+  only a recipe whose backward reuses the forward's quantized operands (``reuse_forward``) puts QDQ
+  nodes before the product.
 """
 
 from __future__ import annotations
