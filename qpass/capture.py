@@ -28,11 +28,14 @@ import threading
 import types
 import warnings
 import weakref
+from fnmatch import fnmatchcase
 
 import torch
 from torch import fx, nn
 
+from qpass.distributed import world_size
 from qpass.passes import Target, quantize_graph
+from qpass.passes.sites import ModelContext, frame_path
 from qpass.state import QpassState
 
 
@@ -53,66 +56,71 @@ def dynamo_parameters(gm: fx.GraphModule) -> dict[fx.Node, torch.Tensor]:
 
 def quantize_captured(
     gm: fx.GraphModule, parameters: dict[fx.Node, torch.Tensor], state: QpassState, target: Target = Target(),
-    model: nn.Module | None = None,
+    model: nn.Module | None = None, region: str = "",
 ) -> None:
     """Run the passes on one captured graph as ``state`` says, and record its plans there;
-    ``model``: the model Dynamo traced it from (a torch.export graph is traced from its root)."""
+    ``model``: the model Dynamo traced it from (a torch.export graph is traced from its root), and
+    ``region``: the path of the module whose compiled call traced it ("" for the model's own)."""
     recipe = state.recipe
     new_state = state.delayed_scaling if recipe.scaling == "delayed" else None
+    context = ModelContext() if model is None else ModelContext.of(model)
     plans, notes = quantize_graph(
-        gm, parameters, recipe, state.matched_globs, new_state, state.calibration, state.observe, target
+        gm, parameters, recipe, state.matched_globs, new_state, state.calibration, state.observe, target,
+        context,
     )
     if state.observe is None:
-        state.record(plans if model is None else _placed(plans, model), notes)
+        state.record(plans if model is None else _placed(plans, model, context, region), notes)
 
 
-def _placed(plans: list, model: nn.Module) -> list:
-    """``plans``, with a note on each site whose module path does not name the module that ran it
-    in ``model``: a graph break inside a submodule makes Dynamo resume in that module's own frame,
-    whose sites are named relative to it, and whose graph runs for every instance the frame's
-    guards accept (every layer of a stack). Said in the report and in a warning, never silently."""
-    modules = {str(id(m)) for _, m in model.named_modules(remove_duplicate=False)}
-
+def _placed(plans: list, model: nn.Module, context: ModelContext, region: str) -> list:
+    """``plans``, with a note on each site traced in a frame other than its region's own module: a
+    graph break inside a submodule makes Dynamo resume in that module's own frame, whose graph runs
+    for every instance the frame's guards accept (every layer of a stack), under the one name of the
+    instance it was traced for. Said in the report and in a warning, never silently."""
     def placed(site) -> bool:
-        # Dynamo keys the stack by the modules' ids. An op of the root module's own forward has no
+        # Dynamo keys the stack by the modules' ids. An op of the region module's own forward has no
         # stack (nor, alas, one of a plain function a resumed frame calls: the two look alike).
         stack = site.node.meta.get("nn_module_stack") or {}
         if not stack:
             return True
-        if next(reversed(stack)) not in modules:
+        raw, relative = context.raw.get(next(reversed(stack))), frame_path(site.node)
+        if raw is None or not (raw == relative or raw.endswith(f".{relative}")):
             return False
-        try:
-            return str(id(model.get_submodule(site.module))) == next(reversed(stack))
-        except AttributeError:
-            return False
+        # The module the frame was traced for: the region's, or one that wraps it (DDP's).
+        frame_module = raw[: len(raw) - len(relative)].rstrip(".")
+        return context.unwrapped(frame_module) == context.unwrapped(region)
 
     relative = [plan.name for plan in plans if not placed(plan.site)]
     if not relative:
         return plans
     warnings.warn(
         f"qpass: {type(model).__name__}'s graph broke inside a submodule: Dynamo resumed in that module's "
-        f"own frame, so the sites {', '.join(relative)} are named relative to it and their graph may run "
-        "for several modules (every layer): names, rules and exclusions by path do not reach them there "
-        "(qpass.report marks them)", stacklevel=5,
+        f"own frame, so the graph of the sites {', '.join(relative)} may run for other instances of that "
+        "module too (every layer), under these names: pass blocks= to qpass.compile (e.g. "
+        "blocks='model.layers.*') to compile each such module on its own (qpass.report marks them)",
+        stacklevel=5,
     )
-    note = ("named relative to a frame Dynamo resumed after a graph break inside a submodule: this site may "
-            "stand for that module in every instance (e.g. every layer)")
+    note = ("traced in a frame Dynamo resumed after a graph break inside a submodule: this site may stand "
+            "for that module in every instance (e.g. every layer); blocks= compiles each on its own")
     return [plan.noted(note) if plan.name in relative else plan for plan in plans]
 
 
 class _Backend:
     """The torch.compile backend: quantize the captured graph, then compile it. Dynamo keeps every
     backend until ``torch._dynamo.reset()``: this one holds its model's state weakly, so that the
-    state (plans, packed weights) goes with the model."""
+    state (plans, packed weights) goes with the model. ``region``: the path of the module whose
+    compiled call this backend compiles ("" for the model, else a block's)."""
 
-    def __init__(self, state: QpassState):
+    def __init__(self, state: QpassState, region: str = ""):
         self._state = weakref.ref(state)
+        self._region = region
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         state = self._state()
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-        target = Target(state.kernels, on_cuda, frozen=not torch.is_grad_enabled())
-        quantize_captured(gm, dynamo_parameters(gm), state, target, state.model)
+        target = Target(state.kernels, on_cuda, frozen=not torch.is_grad_enabled(),
+                        sync_amax=state.recipe.sync_amax and world_size() > 1)
+        quantize_captured(gm, dynamo_parameters(gm), state, target, state.model, self._region)
         if state.observe is not None:
             return gm.forward  # calibrating: the observers are Python functions in the graph
         return torch._dynamo.lookup_backend(state.backend)(gm, example_inputs)
@@ -140,25 +148,118 @@ _ISOLATED = ({"isolate_recompiles": True}
              if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {})
 
 
+def _compiled(state: QpassState, region: str = ""):
+    """A Dynamo-compiled call of a module, in a cache region of its own."""
+    backend = _Backend(state, region)
+    return torch.compile(_own_code(_call_module), backend=backend, **_ISOLATED, **state.options)
+
+
 class CompiledCall:
     """What a compiled model's ``__call__`` runs: its Dynamo-compiled forward, compiled at the first
-    call (a copy's state is complete only then), watched for modules that ran eagerly."""
+    call (a copy's state is complete only then), watched for modules that ran eagerly. The first
+    call also gives each block (:func:`_blocks`) a compiled call of its own."""
 
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)  # the model holds this call: no reference cycle
         self._compiled = None
+        self._blocks: list[tuple[nn.Module, object]] = []  # (block, the boundary hook's handle)
+        self._fsdp_gathers_pending = False
 
     def __call__(self, *args, **kwargs):
         model = self._model()
         state = model.__dict__["_qpass"]
         if self._compiled is None:
-            self._compiled = torch.compile(
-                _own_code(_call_module), backend=_Backend(state), **_ISOLATED, **state.options)
+            self._compiled = _compiled(state)
+            self._blocks = [(block, _install_block(block, state, region))
+                            for region, block in _blocks(model, state)]
+        if self._fsdp_gathers_pending:
+            # Between two calls, when FSDP2 holds only shards and no autograd graph an unsharded
+            # weight: the first call found the sites, and so which weights all-gather as codes.
+            self._fsdp_gathers_pending = False
+            _gather_in_low_precision(model, state)
         with _watching(model, state):
             out = self._compiled(model, *args, **kwargs)
         if not state.checked:
             _check_first_call(model, state)
+            self._fsdp_gathers_pending = any(_fsdp_unit(m) for m in [model, *(b for b, _ in self._blocks)])
         return out
+
+    def detach_blocks(self) -> None:
+        for block, handle in self._blocks:
+            block.__dict__.pop("_compiled_call_impl", None)
+            handle.remove()
+        self._blocks = []
+
+
+# ---- blocks: modules compiled on their own ---------------------------------------------------------
+
+
+def _fsdp_unit(module: nn.Module) -> bool:
+    """A module ``fully_shard`` made a unit of FSDP2: its hooks, which Dynamo runs eagerly, break any
+    graph that calls it, and Dynamo would trace it in a frame of its own that every unit shares."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _gather_in_low_precision(model: nn.Module, state: QpassState) -> None:
+    """FSDP2's all-gathers of the weights that one per-tensor scale quantizes, in FP8 from the next
+    call on (:mod:`qpass.fsdp`), said in the report."""
+    from qpass import fsdp
+
+    for name in fsdp.gather_in_low_precision(model, state.plans, ModelContext.of(model).paths):
+        plan = state.plans[name]
+        state.plans[name] = plan.noted(
+            f"fsdp2: weight all-gathered as {plan.products[0].quantizers.b} codes")
+
+
+def _blocks(model: nn.Module, state: QpassState) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules that the model's ``blocks`` globs name (by the unwrapped paths that
+    site names use), and every FSDP2 unit below the model, as ``(path in named_modules, module)``."""
+    paths = ModelContext.of(model).paths
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f"{outer}.") for outer, _ in chosen):
+            continue
+        path = paths[str(id(module))]
+        matched = [glob for glob in state.blocks if fnmatchcase(path, glob)]
+        state.matched_globs.update(matched)
+        if matched or _fsdp_unit(module):
+            chosen.append((name, module))
+    return chosen
+
+
+def _block_boundary(module: nn.Module, args) -> None:
+    """A hook that makes Dynamo, tracing a call of the block, go through the block's ``__call__`` (it
+    inlines the forward of a module without hooks, compiled call or not)."""
+
+
+def _install_block(block: nn.Module, state: QpassState, region: str):
+    block.__dict__["_compiled_call_impl"] = BlockCall(block, state, region)
+    return block.register_forward_pre_hook(_block_boundary)
+
+
+class BlockCall:
+    """What a block's ``__call__`` runs: its own compiled call, in a cache region of its own, so that
+    no two blocks share a graph (nor a recompile limit). Dynamo tracing a caller runs it as a graph
+    break (it is ``disable``d there): inlined, the block would be part of the caller's graph."""
+
+    def __init__(self, block: nn.Module, state: QpassState, region: str):
+        self._block = weakref.ref(block)
+        self._state = state  # the model holds the state, and the block this call: no cycle
+        self._region = region
+        self._compiled = None
+
+    @torch._dynamo.disable
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = _compiled(self._state, self._region)
+        return self._compiled(self._block(), *args, **kwargs)
+
+
+torch._dynamo.eval_frame.skip_code(_block_boundary.__code__)
 
 
 def install(model: nn.Module, state: QpassState, hooks: list | None = None) -> nn.Module:
@@ -175,25 +276,27 @@ def install(model: nn.Module, state: QpassState, hooks: list | None = None) -> n
 def remove(model: nn.Module) -> None:
     """Undo :func:`install`: the model runs as plain Python again, without qpass's state."""
     model.__dict__["_qpass"].detach_from(model)
-    model.__dict__.pop("_compiled_call_impl", None)
+    model.__dict__.pop("_compiled_call_impl").detach_blocks()
 
 
 def recapture(model: nn.Module, *, observe=None, calibration: dict | None = None) -> None:
     """Forget the captured graphs: the model's next call captures them afresh, calibrating with
     ``observe`` or quantizing with ``calibration`` statistics."""
     model.__dict__["_qpass"].restart(observe=observe, calibration=calibration)
+    model.__dict__["_compiled_call_impl"].detach_blocks()
     model.__dict__["_compiled_call_impl"] = CompiledCall(model)
 
 
 @contextlib.contextmanager
 def uncompiled(model: nn.Module):
-    """Run ``model`` as plain Python (torch.export traces it itself)."""
-    saved = model.__dict__.pop("_compiled_call_impl", None)
+    """Run ``model``, its blocks included, as plain Python (torch.export traces it itself)."""
+    saved = {module: module.__dict__.pop("_compiled_call_impl") for module in model.modules()
+             if isinstance(module.__dict__.get("_compiled_call_impl"), (CompiledCall, BlockCall))}
     try:
         yield model
     finally:
-        if saved is not None:
-            model.__dict__["_compiled_call_impl"] = saved
+        for module, call in saved.items():
+            module.__dict__["_compiled_call_impl"] = call
 
 
 def state_of(model: nn.Module, what: str) -> QpassState:
@@ -214,7 +317,7 @@ def _check_first_call(model: nn.Module, state: QpassState) -> None:
         )
     elif not state.plans:
         warnings.warn("qpass found no matmul or attention in this model: it runs unquantized", stacklevel=4)
-    globs = [glob for glob, _ in state.recipe.rules] + list(state.recipe.exclude)
+    globs = [glob for glob, _ in state.recipe.rules] + list(state.recipe.exclude) + list(state.blocks)
     for glob in globs:
         if glob not in state.matched_globs:
             warnings.warn(f"qpass: the glob {glob!r} matches no site (qpass.report lists them)", stacklevel=4)
@@ -312,12 +415,12 @@ def _reduce_state(state: QpassState):
     sites are found, and compiles the model's copy, which ``copy`` and ``pickle`` reach first (the
     state's arguments name it, so the copy's arguments name the model's copy)."""
     args = (state.model, state.recipe, state.backend, dict(state.options), state.kernels, state.hooks,
-            state.saved_tensors())
+            state.saved_tensors(), state.blocks)
     return _restore_state, args
 
 
-def _restore_state(model, recipe, backend, options, kernels, hooks, tensors) -> QpassState:
-    state = QpassState(recipe, backend, options, kernels, pending=tensors)
+def _restore_state(model, recipe, backend, options, kernels, hooks, tensors, blocks=()) -> QpassState:
+    state = QpassState(recipe, backend, options, kernels, pending=tensors, blocks=blocks)
     if model is not None:
         # The model's copy has copies of the hooks, which find this state; its __dict__ is filled
         # after this returns, by an update that keeps the compiled call.

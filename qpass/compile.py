@@ -32,6 +32,7 @@ def compile(
     kernels: str = "auto",
     dynamic: bool | None = None,
     fullgraph: bool = False,
+    blocks: str | list[str] | tuple[str, ...] = (),
     **overrides,
 ) -> nn.Module:
     """Quantize every matmul of ``model`` as ``recipe`` says; returns ``model``, compiled in place.
@@ -42,8 +43,10 @@ def compile(
     quantizes: ``"triton"`` (qpass's generated kernels, :mod:`qpass.passes.lower`), ``"reference"``
     (the :mod:`qpass.formats` numerics as torch ops), ``"auto"`` (Triton on CUDA) or ``"interpret"``
     (the Triton kernels wherever the graph runs, on the CPU in Triton's interpreter: for testing
-    kernels without a GPU). Sites are found when the model first runs; then :func:`qpass.report`
-    lists them.
+    kernels without a GPU). ``blocks``: globs of module paths (``"model.layers.*"``) compiled each on
+    its own, in a cache region of its own, the rest of the model around them (torchtitan's pattern);
+    every FSDP2 unit below the model (``fully_shard``) is one anyway. Sites are found when the model
+    first runs; then :func:`qpass.report` lists them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"qpass.compile takes an nn.Module, got {type(model).__name__}")
@@ -57,7 +60,8 @@ def compile(
             "this model was already compiled by qpass; the new recipe replaces the old one", stacklevel=2)
         capture.remove(model)
     return capture.install(
-        model, QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph), kernels))
+        model, QpassState(recipe, backend, dict(dynamic=dynamic, fullgraph=fullgraph), kernels,
+                          blocks=(blocks,) if isinstance(blocks, str) else tuple(blocks)))
 
 
 def _drop_metadata_checks(gm: fx.GraphModule) -> None:

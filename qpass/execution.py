@@ -20,7 +20,10 @@ class Execution(JsonTuple):
     interpreter), else by the reference numerics. ``a_state``, ``b_state``, ``grad_state``: keys of
     the delayed-scaling states (:mod:`qpass.ops.registry`) of per-tensor operands ("" for none).
     ``a_codes``, ``b_codes``: backward is saved the operand's low-precision codes where its backward
-    GEMM can use them, else the operand itself (a weight: its parameter, which costs no memory)."""
+    GEMM can use them, else the operand itself (a weight: its parameter, which costs no memory).
+    ``sync_a``, ``sync_b``, ``sync_grad``: the operand's per-tensor amaxes are the MAX across
+    data-parallel ranks (:mod:`qpass.distributed`); a weight's never need to be, it is the same on
+    every rank (DDP replicates it, FSDP2 gathers it whole)."""
 
     kernels: bool = False
     a_state: str = ""
@@ -28,6 +31,9 @@ class Execution(JsonTuple):
     grad_state: str = ""
     a_codes: bool = True
     b_codes: bool = True
+    sync_a: bool = False
+    sync_b: bool = False
+    sync_grad: bool = False
 
     def check(self, quantizers: MatmulQuantizers) -> Execution:
         """``self``, if its states fit ``quantizers``: a state records one amax per step, so its

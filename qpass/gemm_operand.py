@@ -20,6 +20,7 @@ from torch import Tensor
 from qpass.formats import QTensor, dequantize, quantize
 from qpass.formats.delayed import DelayedScaling
 from qpass.formats.packing import pack_codes, unpack_codes
+from qpass.formats.scaling import AmaxReduction
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
 
@@ -84,7 +85,7 @@ class GemmOperand:
 
 def quantize_for_gemm(
     x: Tensor, quantizer: Quantizer, axis: int, delayed: DelayedScaling | None = None,
-    rotation: Rotation | None = None, signs: Tensor | None = None,
+    rotation: Rotation | None = None, signs: Tensor | None = None, reduce_amax: AmaxReduction | None = None,
 ) -> GemmOperand:
     """``x`` (rotated along ``axis`` first, if asked) quantized along ``axis``, laid out with it last.
 
@@ -93,7 +94,8 @@ def quantize_for_gemm(
     x = x.detach()
     if rotation is not None:
         x = rotation(x.float(), axis, signs=signs)
-    qt = quantize(x.movedim(axis, -1), quantizer.spec, -1, rounding=quantizer.rounding, delayed=delayed)
+    qt = quantize(x.movedim(axis, -1), quantizer.spec, -1, rounding=quantizer.rounding, delayed=delayed,
+                  reduce_amax=reduce_amax)
     return from_qtensor(qt, quantizer)
 
 

@@ -41,7 +41,7 @@ def rotate(x: Tensor, rotation: Rotation | None, axis: int) -> Tensor:
 
 def qdq(
     x: Tensor, quantizer: Quantizer | None, axis: int, state: str = "", rotation: Rotation | None = None,
-    kernels: bool = False,
+    kernels: bool = False, sync: bool = False,
 ) -> Tensor:
     """``x`` rotated (if asked), then quantize-dequantized; with ``kernels``, both in one generated
     kernel (the lowering never chooses kernels with a delayed-scaling state, which the reference owns)."""
@@ -51,7 +51,7 @@ def qdq(
     x = rotate(x, rotation, axis)
     if quantizer is None:
         return x
-    return torch.ops.qpass.quantize_dequantize(x, quantizer.to_json(), axis, state)
+    return torch.ops.qpass.quantize_dequantize(x, quantizer.to_json(), axis, state, sync)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,12 +73,12 @@ def product(a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
     """``A [..., M, K] · B [..., K, N]`` quantized as ``config`` says."""
     q, run, op_config = without_hoisted(config)
     if not q.quantizes_backward:
-        a = qdq(a, q.a, -1, run.a_state, q.rotation, run.kernels)
-        return torch.matmul(a, qdq(b, q.b, -2, run.b_state, q.rotation, run.kernels))
+        a = qdq(a, q.a, -1, run.a_state, q.rotation, run.kernels, run.sync_a)
+        return torch.matmul(a, qdq(b, q.b, -2, run.b_state, q.rotation, run.kernels, run.sync_b))
     if q.hoists_a:
-        a = qdq(a, q.a, -1, run.a_state, kernels=run.kernels)
+        a = qdq(a, q.a, -1, run.a_state, kernels=run.kernels, sync=run.sync_a)
     if q.hoists_b:
-        b = qdq(b, q.b, -2, run.b_state, kernels=run.kernels)
+        b = qdq(b, q.b, -2, run.b_state, kernels=run.kernels, sync=run.sync_b)
     return torch.matmul(a, b) if op_config is None else quantized_matmul(a, b, *op_config)
 
 

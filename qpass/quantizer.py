@@ -17,6 +17,7 @@ from qpass.formats import FormatSpec, fake_quantize, resolve_format
 from qpass.formats.delayed import DelayedScaling
 from qpass.formats.dge import DGE, dge_multiplier
 from qpass.formats.rounding import check_rounding
+from qpass.formats.scaling import AmaxReduction
 from qpass.jsontuple import JsonTuple
 
 
@@ -59,8 +60,16 @@ class Quantizer(JsonTuple):
         """One scale for the whole tensor: the result does not depend on the quantization axis."""
         return self.spec.scaling == "absmax" and self.spec.granularity == "tensor"
 
-    def __call__(self, x: torch.Tensor, axis: int, delayed: DelayedScaling | None = None) -> torch.Tensor:
-        return fake_quantize(x, self.spec, axis, rounding=self.rounding, delayed=delayed)
+    @property
+    def scaled_by_tensor_amax(self) -> bool:
+        """A scale depends on the whole tensor's amax (per tensor, or NVFP4's global scale): what
+        data-parallel ranks agree on (:mod:`qpass.distributed`)."""
+        return self.per_tensor or self.spec.scaling == "nvfp4"
+
+    def __call__(self, x: torch.Tensor, axis: int, delayed: DelayedScaling | None = None,
+                 reduce_amax: AmaxReduction | None = None) -> torch.Tensor:
+        return fake_quantize(
+            x, self.spec, axis, rounding=self.rounding, delayed=delayed, reduce_amax=reduce_amax)
 
     def gradient(self, grad: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
         """The gradient of ``x`` from that of its quantized value: straight through, or times the DGE."""

@@ -136,6 +136,8 @@ class Recipe:
     dge: DGE | bool | None = None
     occ: float | None = None
     reuse_forward: bool = False
+    # Under a process group of several ranks, per-tensor amaxes are the MAX across them (qpass.distributed).
+    sync_amax: bool = True
     description: str = ""
     notes: str = ""  # shown by qpass.report: what the recipe asks for that is not applied yet
 

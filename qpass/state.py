@@ -40,13 +40,15 @@ class _Namespace(nn.Module):
 
 class QpassState(_Namespace):
     def __init__(
-        self, recipe, backend: str, options: dict, kernels: str = "reference", pending: dict | None = None
+        self, recipe, backend: str, options: dict, kernels: str = "reference", pending: dict | None = None,
+        blocks: tuple[str, ...] = (),
     ):
         super().__init__()
         self.recipe = recipe
         self.backend = backend
         self.options = options  # torch.compile's (dynamic, fullgraph)
         self.kernels = kernels  # qpass.compile's kernels=: "auto", "triton", "interpret" or "reference"
+        self.blocks = tuple(blocks)  # qpass.compile's blocks=: globs of modules compiled on their own
         self._model = None  # weak reference to the model this state is attached to
         self.hooks: list = []  # handles of the hooks on the model that go with this state
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph

@@ -135,8 +135,18 @@ class Broken(UpDown):
 def test_sites_of_a_frame_resumed_inside_a_submodule_are_marked_and_warned():
     qm = qpass.compile(BreaksInside(), "fp8-infer", backend="eager")
     messages = qpass_warnings(lambda: qm(torch.randn(4, 64)))
-    warned = [m for m in messages if "graph broke inside a submodule" in m and "named relative to it" in m]
+    warned = [m for m in messages if "graph broke inside a submodule" in m and "blocks=" in m]
     assert warned, messages
     report = qpass.report(qm)
-    relative = [row["site"] for row in report.rows if any("named relative" in note for note in row["notes"])]
-    assert relative and set(relative) <= {"up", "down"}  # not the layers' paths: said, not hidden
+    shared = [row["site"] for row in report.rows if any("every instance" in note for note in row["notes"])]
+    # Named by the module each was traced for, and marked: the graph also runs the other layer.
+    assert shared and set(shared) <= {"layers.0.up", "layers.0.down", "layers.1.up", "layers.1.down"}
+
+
+def test_blocks_compile_each_layer_on_its_own():
+    qm = qpass.compile(BreaksInside(), "fp8-infer", backend="eager", blocks="layers.*")
+    assert qpass_warnings(lambda: qm(torch.randn(4, 64))) == []
+    report = qpass.report(qm)
+    assert [row["site"] for row in report.quantized] == [
+        "layers.0.up", "layers.0.down", "layers.1.up", "layers.1.down"]
+    assert all(not row["notes"] for row in report.rows)

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from qpass.formats.absmax import group_amax
 from qpass.formats.bits import FP32_MAX
 from qpass.formats.delayed import DelayedScaling
 from qpass.formats.element import decode, encode
@@ -14,7 +13,14 @@ from qpass.formats.grouping import from_groups, normalize_axis, to_groups
 from qpass.formats.packing import pack_codes, unpack_codes
 from qpass.formats.qtensor import QTensor
 from qpass.formats.rounding import check_rounding, grid_step, make_generator, round_to_element
-from qpass.formats.scaling import GroupScales, absmax_group_scales, compute_scales, stored_decode
+from qpass.formats.scaling import (
+    AmaxReduction,
+    GroupScales,
+    absmax_group_scales,
+    compute_scales,
+    stored_decode,
+    tensor_amax,
+)
 from qpass.formats.spec import FormatSpec, resolve_format
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -60,6 +66,7 @@ def _element_values(
     rounding: str,
     generator: torch.Generator | None = None,
     delayed: DelayedScaling | None = None,
+    reduce_amax: AmaxReduction | None = None,
 ) -> tuple[torch.Tensor, GroupScales]:
     """The element values (fp32 on the element grid, ``[..., G, B]``) and the scales of ``x``."""
     x32 = x.reshape(-1) if x.ndim == 0 else x
@@ -71,9 +78,9 @@ def _element_values(
     length = x32.shape[axis]
     groups = to_groups(x32, axis, spec.padded_length(length), spec.group_size(length))
     if delayed is None:
-        scales = compute_scales(groups, spec)
+        scales = compute_scales(groups, spec, reduce_amax)
     else:
-        current = group_amax(groups, "tensor")
+        current = tensor_amax(groups, reduce_amax)
         scales = absmax_group_scales(delayed.encode_scale(current, spec.element.max_normal), spec)
         delayed.record(current)
     return round_to_element(groups * scales.encode, spec.element, rounding, generator), scales
@@ -93,6 +100,7 @@ def quantize(
     granularity=None,
     pow2: bool | None = None,
     delayed: DelayedScaling | None = None,
+    reduce_amax: AmaxReduction | None = None,
 ) -> QTensor:
     """Quantize ``x`` to a named format along ``axis`` (the reduction axis for matmuls).
 
@@ -101,11 +109,13 @@ def quantize(
     :class:`DelayedScaling`, takes a per-tensor scale from its amax history.
     nvfp4 takes ``granularity=("tile", 16)``: one block scale per 16x16 tile of the last two dims
     (``axis`` must be one of them; leading dims are batch), stored in the 1x16 layout with each
-    tile's scale repeated on its 16 rows. ``("block", 16)`` is its default.
+    tile's scale repeated on its 16 rows. ``("block", 16)`` is its default. ``reduce_amax`` maps a
+    per-tensor amax (absmax per tensor, delayed scaling's, NVFP4's global one) to the one its scale
+    comes from (:mod:`qpass.distributed` passes the MAX across ranks).
     """
     spec, axis = resolve_arguments(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
     generator = make_generator(generator, x.device)
-    values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
+    values, scales = _element_values(x, spec, axis, rounding, generator, delayed, reduce_amax)
     codes = encode(values, spec.element).reshape(*values.shape[:-2], -1)
     return QTensor(
         codes=pack_codes(codes, spec.element),
@@ -148,12 +158,13 @@ def fake_quantize(
     granularity=None,
     pow2: bool | None = None,
     delayed: DelayedScaling | None = None,
+    reduce_amax: AmaxReduction | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x, ...))`` without building codes; the gradient passes straight through."""
     spec, axis = resolve_arguments(x, format, axis, scale_mode, rounding, granularity, pow2, delayed)
     with torch.no_grad():
         generator = make_generator(generator, x.device)
-        values, scales = _element_values(x, spec, axis, rounding, generator, delayed)
+        values, scales = _element_values(x, spec, axis, rounding, generator, delayed, reduce_amax)
         out = from_groups(values.mul_(scales.decode), axis, _axis_length(x.shape, axis))
         out = out.reshape(x.shape).to(x.dtype)
     return _StraightThrough.apply(x, out) if x.requires_grad else out

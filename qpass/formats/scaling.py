@@ -7,7 +7,7 @@ stores. Keeping them together lets quantize, dequantize and fake-quantize share 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -24,17 +24,30 @@ class GroupScales(NamedTuple):
     tensor_scale: torch.Tensor | None = None  # NVFP4's per-tensor fp32 g
 
 
-def compute_scales(groups: torch.Tensor, spec: FormatSpec) -> GroupScales:
+AmaxReduction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def tensor_amax(groups: torch.Tensor, reduce_amax: AmaxReduction | None = None) -> torch.Tensor:
+    """The amax of the whole tensor, passed through ``reduce_amax`` where one is given (the MAX
+    across data-parallel ranks that makes every rank's per-tensor scale the same)."""
+    amax = group_amax(groups, "tensor")
+    return amax if reduce_amax is None else reduce_amax(amax)
+
+
+def compute_scales(
+    groups: torch.Tensor, spec: FormatSpec, reduce_amax: AmaxReduction | None = None
+) -> GroupScales:
     """Scales for fp32 ``groups`` shaped ``[..., G, B]`` (NVFP4 tiles: ``[..., R, G, B]``, R the
-    other of the tensor's last two dims)."""
+    other of the tensor's last two dims); ``reduce_amax`` applies to a per-tensor amax."""
     if spec.scaling == "absmax":
-        factor = absmax_encode(group_amax(groups, spec.granularity), spec.element.max_normal, spec.pow2)
-        return absmax_group_scales(factor, spec)
+        amax = (tensor_amax(groups, reduce_amax) if spec.granularity == "tensor"
+                else group_amax(groups, spec.granularity))
+        return absmax_group_scales(absmax_encode(amax, spec.element.max_normal, spec.pow2), spec)
     if spec.scaling == "mx":
         codes = mx.e8m0_codes(group_amax(groups, "block"), spec.element, spec.scale_mode)
         return GroupScales(mx.e8m0_encode(codes), mx.e8m0_decode(codes), codes.squeeze(-1))
     if spec.scaling == "nvfp4":
-        g = nvfp4.global_scale(group_amax(groups, "tensor"))
+        g = nvfp4.global_scale(tensor_amax(groups, reduce_amax))
         block_amax = group_amax(groups, "block")
         if spec.granularity == "tile":
             block_amax = nvfp4.tile_amax(block_amax, spec.block_size)

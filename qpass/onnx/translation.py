@@ -32,7 +32,7 @@ def translation_table(dialect: str, translated: list[dict] | None = None) -> dic
     quantize = numerics.quantize_dequantize if dialect == "qdq" else numerics.fake_quantize
     translated = [] if translated is None else translated
 
-    def quantize_dequantize(x, quantizer: str, axis: int, state: str = ""):
+    def quantize_dequantize(x, quantizer: str, axis: int, state: str = "", sync: bool = False):
         if state:
             raise UnsupportedExport(
                 "delayed scaling: its scale comes from an amax history updated at run time"

@@ -20,7 +20,9 @@ import math
 import torch
 from torch import Tensor
 
+from qpass.distributed import amax_reduction
 from qpass.execution import Execution
+from qpass.fsdp import gathered_operand
 from qpass.gemm_operand import GemmOperand, empty_tensors, from_qtensor, quantize_for_gemm, transposed
 from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.ops import qdq
@@ -31,23 +33,30 @@ from qpass.rotation import Rotation
 
 def operand(
     quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "", rotation: Rotation | None = None,
-    signs: Tensor | None = None, kernels: bool = False, values: bool = False,
+    signs: Tensor | None = None, kernels: bool = False, values: bool = False, sync: bool = False,
 ) -> Operand:
     """``x`` (rotated first, if asked) quantized along ``axis`` for a GEMM, that axis moved last; a
     high-precision operand is ``x``'s fp32 values so moved. ``kernels``: by the generated Triton
     kernel (the lowering chose it: never with a ``state``). ``values``: for a GEMM that multiplies
     values (the reference route), the fake-quantized fp32 values, which are the codes' values (and
-    the same random draws) without encoding and decoding them."""
+    the same random draws) without encoding and decoding them. ``sync``: a per-tensor amax is the
+    MAX across data-parallel ranks (:mod:`qpass.distributed`)."""
+    gathered = None if quantizer is None else gathered_operand(x, quantizer, axis)
+
+    if gathered is not None:  # a weight FSDP2 all-gathered as these codes
+        return gathered.dequantize() if values else gathered
+    reduce_amax = amax_reduction(sync)
     if quantizer is None or (values and not kernels):
         x = x.detach().float()
         x = x if rotation is None else rotation(x, axis, signs=signs)
-        x = x if quantizer is None else quantizer(x, axis, qdq.delayed_state(state, x.device))
+        x = x if quantizer is None else quantizer(x, axis, qdq.delayed_state(state, x.device), reduce_amax)
         return x.movedim(axis, -1)
     if kernels:
         from qpass import codegen  # imports triton: only once kernels were chosen
 
         return from_qtensor(codegen.quantize(x.detach(), quantizer, axis, rotation, signs), quantizer)
-    return quantize_for_gemm(x, quantizer, axis, qdq.delayed_state(state, x.device), rotation, signs)
+    return quantize_for_gemm(x, quantizer, axis, qdq.delayed_state(state, x.device), rotation, signs,
+                             reduce_amax)
 
 
 def _other_orientation(op: Operand, flatten: bool) -> Operand:
@@ -89,15 +98,15 @@ def _lengths(q: MatmulQuantizers, m: int, n: int) -> tuple[int, int]:
 
 
 def operand_tensors(x: Tensor, quantizer: str, axis: int, rotation: str, state: str, kernels: bool,
-                    values: bool) -> list[Tensor]:
+                    values: bool, sync: bool = False) -> list[Tensor]:
     """``x`` quantized along ``axis`` for a GEMM, as :meth:`GemmOperand.tensors` (``values``: its
     fp32 values alone, :func:`operand`)."""
     r = Rotation.from_json(rotation) if rotation else None
-    op = operand(Quantizer.from_json(quantizer), x, axis, state, r, kernels=kernels, values=values)
+    op = operand(Quantizer.from_json(quantizer), x, axis, state, r, kernels=kernels, values=values, sync=sync)
     return [op.contiguous()] if isinstance(op, Tensor) else list(op.tensors())
 
 
-def _gemm_operand_fake(x, quantizer, axis, rotation, state, kernels, values):
+def _gemm_operand_fake(x, quantizer, axis, rotation, state, kernels, values, sync=False):
     r = Rotation.from_json(rotation) if rotation else None
     shape = list(x.movedim(axis, -1).shape)
     if values and not kernels:
@@ -118,7 +127,8 @@ gemm_operand_stochastic.register_fake(_gemm_operand_fake)
 
 
 def quantize_ahead(quantizer: Quantizer | None, x: Tensor, axis: int, kernels: bool, state: str = "",
-                   rotation: Rotation | None = None, values: bool = False) -> list[Tensor]:
+                   rotation: Rotation | None = None, values: bool = False,
+                   sync: bool = False) -> list[Tensor]:
     """The graph node that quantizes ``x`` for one of the product's GEMMs (nothing: high precision;
     ``values``: see :func:`operand`)."""
     if quantizer is None:
@@ -126,7 +136,7 @@ def quantize_ahead(quantizer: Quantizer | None, x: Tensor, axis: int, kernels: b
     op = gemm_operand_stochastic if quantizer.rounding == "stochastic" else gemm_operand
     # Detached: codes and scales carry no gradient; the product's backward is the gradient of x.
     return list(op(x.detach(), quantizer.to_json(), axis,
-                   rotation.to_json() if rotation else "", state, kernels, values))
+                   rotation.to_json() if rotation else "", state, kernels, values, sync))
 
 
 def _multiplies_values(x: Quantizer | None, y: Quantizer | None, tensor: Tensor, batched: bool) -> bool:
@@ -175,14 +185,17 @@ def quantized_matmul(a: Tensor, b: Tensor, quantizers: str, execution: str) -> T
     grad = torch.is_grad_enabled()
     save_a, save_b = save_a and grad and b.requires_grad, save_b and grad and a.requires_grad
     values = _multiplies_values(q.a, q.b, a, b.ndim > 2)
-    a_k = quantize_ahead(q.a, a, -1, kernels, run.a_state, q.rotation, values and not (q.shares_a and save_a))
-    b_k = quantize_ahead(q.b, b, -2, kernels, run.b_state, q.rotation, values and not (q.shares_b and save_b))
+    a_k = quantize_ahead(q.a, a, -1, kernels, run.a_state, q.rotation, values and not (q.shares_a and save_a),
+                         run.sync_a)
+    b_k = quantize_ahead(q.b, b, -2, kernels, run.b_state, q.rotation, values and not (q.shares_b and save_b),
+                         run.sync_b)
     a_saved = b_saved = []
     if save_a:
         a_saved = a_k if q.shares_a else quantize_ahead(q.db_a, _wgrad_input(a, b), -2, kernels,
-                                                          rotation=q.db_rotation)
+                                                          rotation=q.db_rotation, sync=run.sync_a)
     if save_b:
-        b_saved = b_k if q.shares_b else quantize_ahead(q.da_b, b, -1, kernels, rotation=q.da_rotation)
+        b_saved = b_k if q.shares_b else quantize_ahead(q.da_b, b, -1, kernels, rotation=q.da_rotation,
+                                                          sync=run.sync_b)
     return torch.ops.qpass.quantized_matmul(a, b, a_k, b_k, a_saved, b_saved, quantizers, execution)
 
 
@@ -209,19 +222,20 @@ def backward_gemms(
     dgrad_values = _multiplies_values(q.da_grad, q.da_b, grad, batched)
     wgrad_values = _multiplies_values(q.db_a, q.db_grad, grad, batched)
     shared = (operand(q.da_grad, grad, -1, run.grad_state, kernels=kernels,
-                      values=dgrad_values and wgrad_values) if q.shares_grad else None)
+                      values=dgrad_values and wgrad_values, sync=run.sync_grad) if q.shares_grad else None)
     grad_a = grad_b = grad.new_empty(0)
     if need_a:
         signs = qdq.draw_signs(q.da_rotation, grad.shape[-1])
         dy = shared if shared is not None else operand(
-            q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs, kernels=kernels, values=dgrad_values)
+            q.da_grad, grad, -1, rotation=q.da_rotation, signs=signs, kernels=kernels, values=dgrad_values,
+            sync=run.sync_grad)
         if q.shares_b and b_saved:  # the forward's B along K, one scale: the same codes transposed
             b_n = _other_orientation(GemmOperand.from_tensors(b_saved, q.b, b_shape[-2]), False)
         elif b_saved:
             b_n = GemmOperand.from_tensors(b_saved, q.da_b, n_length)
         else:
             b_n = operand(q.da_b, b, -1, rotation=q.da_rotation, signs=signs, kernels=kernels,
-                          values=dgrad_values)
+                          values=dgrad_values, sync=run.sync_b)
         grad_a = scaled_gemm(dy, b_n, accumulated).sum_to_size(a_shape)
         grad_a = (grad_a if q.a is None else q.a.gradient(grad_a, a, -1)).to(a_dtype)
     if need_b:
@@ -230,14 +244,15 @@ def backward_gemms(
         signs = qdq.draw_signs(q.db_rotation, grad.shape[-2])
         dy = (_other_orientation(shared, len(b_shape) == 2) if shared is not None
               else operand(q.db_grad, grad, -2, rotation=q.db_rotation, signs=signs, kernels=kernels,
-                           values=wgrad_values))
+                           values=wgrad_values, sync=run.sync_grad))
         if q.shares_a and a_saved:
             a_m = _other_orientation(GemmOperand.from_tensors(a_saved, q.a, a_shape[-1]), len(b_shape) == 2)
         elif a_saved:
             a_m = GemmOperand.from_tensors(a_saved, q.db_a, m_length)
         else:
             a_m = operand(q.db_a, a.reshape(-1, a.shape[-1]) if len(b_shape) == 2 else a, -2,
-                          rotation=q.db_rotation, signs=signs, kernels=kernels, values=wgrad_values)
+                          rotation=q.db_rotation, signs=signs, kernels=kernels, values=wgrad_values,
+                          sync=run.sync_a)
         grad_b = scaled_gemm(a_m, dy, accumulated).sum_to_size(b_shape)
         grad_b = (grad_b if q.b is None else q.b.gradient(grad_b, b, -2)).to(b_dtype)
     return grad_a, grad_b

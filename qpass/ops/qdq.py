@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qpass.distributed import amax_reduction
 from qpass.formats import DelayedScaling
 from qpass.ops.registry import DELAYED_STATES
 from qpass.quantizer import Quantizer
@@ -29,11 +30,12 @@ def delayed_state(key: str, device: torch.device) -> DelayedScaling | None:
 
 def quantize_operand(
     quantizer: Quantizer | None, x: Tensor, axis: int, state: str = "", rotation: Rotation | None = None,
-    signs: Tensor | None = None, kernels: bool = False,
+    signs: Tensor | None = None, kernels: bool = False, sync: bool = False,
 ) -> Tensor:
     """fp32 fake-quantized ``x``, rotated first if asked (``x`` in fp32 when the role stays in high
     precision); ``signs`` are the signs drawn for this GEMM when its rotation is resampled.
-    ``kernels``: by the generated Triton kernel (the lowering chose it: never with a ``state``)."""
+    ``kernels``: by the generated Triton kernel (the lowering chose it: never with a ``state``, nor
+    ``sync``). ``sync``: a per-tensor amax is the MAX across ranks (:mod:`qpass.distributed`)."""
     x = x.detach().float()
     if kernels and quantizer is not None:
         from qpass import codegen  # imports triton: only once kernels were chosen
@@ -41,7 +43,9 @@ def quantize_operand(
         return codegen.fake_quantize(x, quantizer, axis, rotation, signs)
     if rotation is not None:
         x = rotation(x, axis, signs=signs)
-    return x if quantizer is None else quantizer(x, axis, delayed_state(state, x.device))
+    if quantizer is None:
+        return x
+    return quantizer(x, axis, delayed_state(state, x.device), amax_reduction(sync))
 
 
 def draw_signs(rotation: Rotation | None, length: int) -> Tensor | None:
@@ -83,20 +87,22 @@ rotate.register_autograd(_rotate_backward, setup_context=_save_length)
 
 
 @torch.library.custom_op("qpass::quantize_dequantize", mutates_args=())
-def quantize_dequantize(x: Tensor, quantizer: str, axis: int, state: str = "") -> Tensor:
-    """``fake_quantize(x)`` with the quantizer given as JSON; ``state`` names a delayed-scaling state."""
-    return quantize_operand(Quantizer.from_json(quantizer), x, axis, state).to(x.dtype).contiguous()
+def quantize_dequantize(x: Tensor, quantizer: str, axis: int, state: str = "", sync: bool = False) -> Tensor:
+    """``fake_quantize(x)`` with the quantizer given as JSON; ``state`` names a delayed-scaling state;
+    ``sync``: a per-tensor amax is agreed across ranks."""
+    quantized = quantize_operand(Quantizer.from_json(quantizer), x, axis, state, sync=sync)
+    return quantized.to(x.dtype).contiguous()
 
 
 # Outputs are contiguous whatever the inputs' strides (operands are often transposed views): the
 # fake implementations must promise exactly that, or Inductor's stride asserts fail.
 @quantize_dequantize.register_fake
-def _(x, quantizer, axis, state=""):
+def _(x, quantizer, axis, state="", sync=False):
     return x.new_empty(x.shape)
 
 
 def _save_for_estimator(ctx, inputs, output):
-    x, ctx.quantizer, ctx.axis, _ = inputs
+    x, ctx.quantizer, ctx.axis, *_ = inputs
     ctx.save_for_backward(x if Quantizer.from_json(ctx.quantizer).dge else None)
 
 
@@ -104,7 +110,7 @@ def _estimated_gradient(ctx, grad):
     # Straight through, unless the quantizer's differentiable gradient estimator reshapes it.
     (x,) = ctx.saved_tensors
     grad = grad if x is None else Quantizer.from_json(ctx.quantizer).gradient(grad, x, ctx.axis)
-    return grad, None, None, None
+    return grad, None, None, None, None
 
 
 quantize_dequantize.register_autograd(_estimated_gradient, setup_context=_save_for_estimator)

@@ -25,10 +25,13 @@ from qpass.passes.ocs import insert_observers, split_channels
 from qpass.passes.plan import SitePlan, plan_sites
 from qpass.passes.quantize import insert_quantizers
 from qpass.passes.residual import plan_residual, rotate_residual_stream
-from qpass.passes.sites import Site, find_sites
+from qpass.passes.sites import ModelContext, Site, find_sites
 from qpass.recipes import Recipe
 
-__all__ = ["Site", "SitePlan", "Target", "find_sites", "insert_quantizers", "plan_sites", "quantize_graph"]
+__all__ = [
+    "ModelContext", "Site", "SitePlan", "Target", "find_sites", "insert_quantizers", "plan_sites",
+    "quantize_graph",
+]
 
 
 def quantize_graph(
@@ -40,12 +43,14 @@ def quantize_graph(
     calibration: dict[str, torch.Tensor] | None = None,
     observe: Callable[[str, torch.Tensor], None] | None = None,
     target: Target = Target(),
+    context: ModelContext = ModelContext(),
 ) -> tuple[list[SitePlan], list[str]]:
     """Run the passes in order on ``gm`` (rewritten in place); returns every site's plan and notes
     about the graph as a whole. With ``observe``, the graph is prepared for calibration instead:
-    transformed but not quantized, and the inputs that OCS splits reported to ``observe``."""
+    transformed but not quantized, and the inputs that OCS splits reported to ``observe``. ``context``:
+    the model ``gm`` was captured from (:class:`~qpass.passes.sites.ModelContext`), which names sites."""
     calibration = calibration or {}
-    plans = plan_sites(find_sites(gm.graph, parameters), recipe, matched_globs, calibration)
+    plans = plan_sites(find_sites(gm.graph, parameters, context), recipe, matched_globs, calibration)
     notes, residual = [], None
     if recipe.hadamard.residual is not None:
         plans, residual, note = plan_residual(plans, recipe.hadamard.residual, parameters)

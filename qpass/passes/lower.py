@@ -49,11 +49,13 @@ NewState = Callable[[str, str, Quantizer], str]  # (site name, operand, its quan
 @dataclass(frozen=True)
 class Target:
     """What the lowering decides from: ``qpass.compile``'s ``kernels=``, whether the graph runs on
-    CUDA, and whether it runs without gradients (``frozen``: inference weights can be packed)."""
+    CUDA, whether it runs without gradients (``frozen``: inference weights can be packed), and
+    whether per-tensor amaxes are agreed across data-parallel ranks (``sync_amax``)."""
 
     kernels: str = "reference"
     on_cuda: bool = False
     frozen: bool = False
+    sync_amax: bool = False
 
     @property
     def lowers(self) -> bool:
@@ -86,12 +88,28 @@ def _saving(product: ProductPlan) -> ProductPlan:
         run, a_codes=a != "weight" or bool(run.a_state), b_codes=b != "weight" or bool(run.b_state)))
 
 
+def _synced(product: ProductPlan) -> ProductPlan:
+    """Which operands' per-tensor amaxes are agreed across ranks: the activations' and gradients'
+    that have one (a weight is the same on every rank)."""
+    q, (a, b) = product.quantizers, product.roles
+
+    def sync(role: str, *quantizers: Quantizer | None) -> bool:
+        return role != "weight" and any(x is not None and x.scaled_by_tensor_amax for x in quantizers)
+
+    return replace(product, execution=replace(
+        product.execution, sync_a=sync(a, q.a, q.db_a), sync_b=sync(b, q.b, q.da_b),
+        sync_grad=sync("grad_output", q.da_grad, q.db_grad)))
+
+
 def _kernels_unsupported(product: ProductPlan) -> str | None:
     """Why the generated kernels cannot quantize every operand of the product (None: they can)."""
     from qpass.codegen.spec import unsupported  # imports triton: only once kernels were asked for
 
     if product.execution.has_states:
         return "delayed scaling (its amax history is the reference's)"
+    run = product.execution
+    if run.sync_a or run.sync_b or run.sync_grad:
+        return "per-tensor amaxes agreed across ranks (by the reference)"
     q = product.quantizers
     operands = ((q.a, q.rotation), (q.b, q.rotation), (q.da_grad, q.da_rotation), (q.da_b, q.da_rotation),
                 (q.db_grad, q.db_rotation), (q.db_a, q.db_rotation))
@@ -139,7 +157,7 @@ def _packed_weight(
     (product,) = plan.products
     q = product.quantizers
     if (weight is None or weight.ndim != 2 or q.quantizes_backward or q.b is None
-            or product.execution.has_states):
+            or product.execution.has_states or product.execution.sync_a):
         return None
     if weight.requires_grad and not target.frozen:  # a weight that trains cannot be a snapshot
         return None
@@ -191,6 +209,8 @@ def plan_lowering(
             plan = plan.with_products(products)
         if plan.excluded is None:
             plan = plan.with_products([_saving(p) for p in plan.products])
+            if target.sync_amax:
+                plan = plan.with_products([_synced(p) for p in plan.products])
             plan = _lowered(plan, parameters, target) if target.lowers else replace(plan, backend="reference")
             plan = replace(plan, gemms=_gemm_routes(plan, target))
         planned.append(plan)

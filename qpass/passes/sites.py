@@ -5,7 +5,10 @@ Analysis only; nothing here changes the graph. Works on Dynamo graphs (torch-lev
 
 A site's name comes from the module path that produced it (``model.layers.3.mlp.down_proj``). A
 module with a single matmul (an ``nn.Linear``, GPT-2's ``Conv1D``) names its site by its path
-alone; otherwise the op kind is appended (``...self_attn.sdpa``, ``...attn.matmul_1``).
+alone; otherwise the op kind is appended (``...self_attn.sdpa``, ``...attn.matmul_1``). Given the
+:class:`ModelContext` of the model a graph came from, paths are the modules' own in that model, found
+by identity, without wrappers' prefixes: right in any frame Dynamo traced (one resumed inside a
+layer after a graph break, a block compiled on its own, a DDP wrapper's).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import functools
 import operator
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from qpass.passes.kinds import KINDS, OpKind, is_op, meta_value, op_kind
 
@@ -167,16 +171,24 @@ def _out_features(site: Site) -> int | None:
 class _Vocabulary:
     """What tells an output projection: the embeddings' weights (tied) and the largest vocabulary."""
 
-    weights: frozenset
+    weights: frozenset  # weight nodes of the graph's embeddings
+    tensors: tuple[torch.Tensor, ...]  # the model's embedding weights (lm_head's graph may have none)
     size: int | None
 
     @staticmethod
-    def of(embeddings: list[Site]) -> _Vocabulary:
+    def of(embeddings: list[Site], context: ModelContext) -> _Vocabulary:
         sizes = [v.shape[0] for s in embeddings if (v := meta_value(s.operands[0])) is not None]
-        return _Vocabulary(frozenset(s.weights[0] for s in embeddings) - {None}, max(sizes, default=None))
+        sizes += [weight.shape[0] for weight in context.embedding_weights]
+        return _Vocabulary(frozenset(s.weights[0] for s in embeddings) - {None}, context.embedding_weights,
+                           max(sizes, default=None))
+
+    def ties(self, weight: fx.Node | None, parameters: dict[fx.Node, torch.Tensor]) -> bool:
+        return weight in self.weights or any(parameters.get(weight) is t for t in self.tensors)
 
 
-def _traits(site: Site, last_matmul: Site | None, vocabulary: _Vocabulary) -> frozenset[str]:
+def _traits(
+    site: Site, last_matmul: Site | None, vocabulary: _Vocabulary, parameters: dict[fx.Node, torch.Tensor]
+) -> frozenset[str]:
     """Integer products; the output projection (lm_head); MoE routers (a linear feeding a top-k)."""
     traits = set()
     value = meta_value(site.node)
@@ -184,7 +196,7 @@ def _traits(site: Site, last_matmul: Site | None, vocabulary: _Vocabulary) -> fr
         traits.add("integer")
     if site.op.family != "matmul" or "weight" not in site.roles:
         return frozenset(traits)
-    tied = site.weights[site.roles.index("weight")] in vocabulary.weights
+    tied = vocabulary.ties(site.weights[site.roles.index("weight")], parameters)
     # Untied: the last matmul, projecting onto the largest embedding's vocabulary.
     last_onto_vocabulary = (site is last_matmul and vocabulary.size is not None
                             and _out_features(site) == vocabulary.size)
@@ -197,16 +209,67 @@ def _traits(site: Site, last_matmul: Site | None, vocabulary: _Vocabulary) -> fr
 
 # ---- naming ------------------------------------------------------------------------------------
 
-_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+_ROOT = re.compile(r"^L\[[^\]]*\](\[\d+\])?\.?")
+# Modules that wrap another one under this attribute, and whose name is no part of a site's.
+_WRAPPED = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 
 
-def module_path(node: fx.Node) -> str:
-    """The innermost module's path, relative to the compiled model (Dynamo's ``L['self']`` removed)."""
+@dataclass(frozen=True)
+class ModelContext:
+    """What a graph cannot tell about the model it was captured from: every module's path, keyed by
+    the id Dynamo records in the module stack, both as ``named_modules`` spells it (``raw``) and
+    without wrappers (``paths``: no ``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``, FSDP's or
+    activation checkpointing's); each parameter's module, by the parameter's id (a frame that is a
+    module's own forward records no stack for its ops); and the embeddings' weights, which tell a
+    tied lm_head."""
+
+    paths: Mapping[str, str] = field(default_factory=dict)
+    raw: Mapping[str, str] = field(default_factory=dict)
+    owners: Mapping[int, str] = field(default_factory=dict)
+    embedding_weights: tuple[torch.Tensor, ...] = ()
+
+    @staticmethod
+    def of(model: nn.Module) -> ModelContext:
+        paths, raw, owners = {}, {}, {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            key = str(id(module))
+            raw.setdefault(key, name)
+            paths.setdefault(key, ".".join(_unwrapped(model, name.split(".")) if name else []))
+            for parameter in module.parameters(recurse=False):
+                owners.setdefault(id(parameter), paths[key])
+        embeddings = tuple(m.weight for m in model.modules() if isinstance(m, nn.Embedding))
+        return ModelContext(paths, raw, owners, embeddings)
+
+    def unwrapped(self, raw_path: str) -> str | None:
+        """The path without wrappers of the module that ``named_modules`` calls ``raw_path``."""
+        return next((self.paths[k] for k, name in self.raw.items() if name == raw_path), None)
+
+
+def _unwrapped(model: nn.Module, parts: list[str]) -> list[str]:
+    """A module path's parts without the attributes under which wrappers hold the wrapped module."""
+    kept, parent = [], model
+    for part in parts:
+        wrapper = part in _WRAPPED or (part == "module" and isinstance(
+            parent, (nn.parallel.DistributedDataParallel, nn.DataParallel)))
+        kept += [] if wrapper else [part]
+        parent = parent._modules[part]
+    return kept
+
+
+def frame_path(node: fx.Node) -> str:
+    """The innermost module's path relative to the module of the frame Dynamo traced (its
+    ``L['self']`` removed)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return _ROOT.sub("", list(stack.values())[-1][0]) if stack else ""
+
+
+def module_path(node: fx.Node, context: ModelContext = ModelContext()) -> str:
+    """The path of the innermost module that ran ``node``: its own path in the model where
+    ``context`` knows the module, else relative to the frame Dynamo traced."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    return _ROOT.sub("", path)
+    return context.paths.get(next(reversed(stack)), frame_path(node))
 
 
 def _names(sites: list[Site]) -> list[str]:
@@ -227,30 +290,40 @@ def _names(sites: list[Site]) -> list[str]:
 # ---- the pass ----------------------------------------------------------------------------------
 
 
-def _found(node: fx.Node, kind: OpKind, parameters: dict[fx.Node, torch.Tensor]) -> Site:
+def _found(
+    node: fx.Node, kind: OpKind, parameters: dict[fx.Node, torch.Tensor], context: ModelContext
+) -> Site:
     operands = kind.operand_nodes(node)
     weights = tuple(source_parameter(o, parameters) for o in operands)
     roles = kind.roles or tuple("weight" if w is not None else "input" for w in weights)
     why = kind.unsupported(node)
+    module = module_path(node, context)
+    if not node.meta.get("nn_module_stack"):  # the frame's own module's op, or the root's: by its weight
+        module = next((owner for w in weights if w is not None
+                       and (owner := context.owners.get(id(parameters[w]))) is not None), module)
     return Site(
-        name="", kind=kind.name, node=node, operands=operands, roles=roles, module=module_path(node),
+        name="", kind=kind.name, node=node, operands=operands, roles=roles, module=module,
         reduction=kind.reduction(node) if why is None else None, unsupported=why, weights=weights,
     )
 
 
-def find_sites(graph: fx.Graph, parameters: dict[fx.Node, torch.Tensor]) -> list[Site]:
+def find_sites(
+    graph: fx.Graph, parameters: dict[fx.Node, torch.Tensor], context: ModelContext = ModelContext()
+) -> list[Site]:
     """Every matmul, attention and embedding in ``graph``, in graph order.
 
     ``parameters`` maps the nodes that hold parameters (placeholders or get_attrs) to their
-    values: operands traced back to one of them get the role ``weight``.
+    values: operands traced back to one of them get the role ``weight``. ``context``: the model the
+    graph was captured from, which names the modules.
     """
-    sites = {node: _found(node, kind, parameters)
+    sites = {node: _found(node, kind, parameters, context)
              for node in graph.nodes if (kind := op_kind(node)) is not None}
     _mark_attention(graph, sites)
     ordered = list(sites.values())
     matmuls = [s for s in ordered if s.op.family == "matmul"]
-    vocabulary = _Vocabulary.of([s for s in ordered if s.op.family == "embedding"])
+    vocabulary = _Vocabulary.of([s for s in ordered if s.op.family == "embedding"], context)
     # The output projection is the last matmul: identity, so compare before replacing any site.
-    traits = [_traits(site, matmuls[-1] if matmuls else None, vocabulary) for site in ordered]
+    last = matmuls[-1] if matmuls else None
+    traits = [_traits(site, last, vocabulary, parameters) for site in ordered]
     ordered = [replace(site, traits=t) for site, t in zip(ordered, traits)]
     return [replace(site, name=name) for site, name in zip(ordered, _names(ordered))]
