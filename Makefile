@@ -36,7 +36,7 @@ convergence: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m ruff check .
-	$(VENV)/bin/python -m pytest -q -n 2  # both cores: measured 734 s against 1074 s in one process
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup  # both cores: 734 s against 1074 s in one process
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/formats_cpu.py

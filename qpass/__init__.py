@@ -27,6 +27,10 @@ def __getattr__(name: str):
         import qpass.onnx
 
         return qpass.onnx if name == "onnx" else qpass.onnx.export_onnx
+    if name == "dcp":  # torch.distributed.checkpoint: imported on first use
+        import qpass.dcp
+
+        return qpass.dcp
     raise AttributeError(f"module 'qpass' has no attribute {name!r}")
 
 

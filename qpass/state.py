@@ -38,12 +38,48 @@ class _Namespace(nn.Module):
         pass
 
 
-class QpassState(_Namespace):
+class _States(_Namespace):
+    """The root of the state tree: a module of its own, so that a site's first name (``model`` of
+    ``model.layers.0...``) never meets an attribute of :class:`QpassState`. An entry loaded before
+    its state exists waits in the tree as a buffer of a namespace where the state will be, so that
+    the tree is always what ``state_dict`` says (DCP walks its keys as attribute paths)."""
+
+    def node(self, parents: list[str]) -> nn.Module:
+        """The tree's node at ``parents``, namespaces made on the way."""
+        node = self
+        for name in parents:
+            if name not in node._modules:
+                node.add_module(name, _Namespace())
+            node = node._modules[name]
+        return node
+
+    def add_pending(self, key: str, value: torch.Tensor) -> None:
+        *parents, name = key.split(".")
+        self.node(parents).register_buffer(name, value.detach().clone())
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # States that exist load themselves (their modules are visited after this one); keep the
+        # rest until the graph that makes their state is captured.
+        for key, value in state_dict.items():
+            if key.startswith(prefix) and not isinstance(self._owner(key[len(prefix):]), DelayedScaling):
+                self.add_pending(key[len(prefix):], value)
+
+    def _owner(self, key: str) -> nn.Module | None:
+        node = self
+        for name in key.split(".")[:-1]:
+            node = node._modules.get(name)
+            if node is None:
+                return None
+        return node
+
+
+class QpassState:
     def __init__(
         self, recipe, backend: str, options: dict, kernels: str = "reference", pending: dict | None = None,
         blocks: tuple[str, ...] = (),
     ):
-        super().__init__()
         self.recipe = recipe
         self.backend = backend
         self.options = options  # torch.compile's (dynamic, fullgraph)
@@ -59,8 +95,9 @@ class QpassState(_Namespace):
         self.graphs_captured = 0
         self.checked = False  # the first call's checks ran
         self._id = next(_HOLDER_IDS)
-        # Loaded (or copied) before the state they belong to exists.
-        self._pending: dict[str, torch.Tensor] = dict(pending or {})
+        self.states = _States()  # the delayed-scaling states, by site and operand
+        for key, value in (pending or {}).items():  # loaded (or copied) before their states exist
+            self.states.add_pending(key, value)
 
     @property
     def model(self) -> nn.Module | None:
@@ -83,8 +120,13 @@ class QpassState(_Namespace):
 
     def saved_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """Every delayed-scaling tensor, made or still pending (a copy's state starts from copies)."""
-        tensors = {**self._pending, **self.state_dict()}
+        tensors = self.states.state_dict()
         return {k: v.detach().clone() for k, v in tensors.items()} if copy else tensors
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint walks state_dict keys as attribute paths: ``_qpass.<site>...``
+        # goes on through the state tree.
+        return {name: "states" for name in self.states._modules}
 
     def record(self, plans, notes: list[str]) -> None:
         """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
@@ -109,28 +151,13 @@ class QpassState(_Namespace):
         if key in DELAYED_STATES:
             return key
         *parents, leaf = path.split(".")
-        node = self
-        for name in parents:
-            if name not in node._modules:
-                node.add_module(name, _Namespace())
-            node = node._modules[name]
+        node = self.states.node(parents)
         state = DelayedScaling(self.recipe.history_len, self.recipe.margin, pow2=quantizer.pow2)
-        pending = {k[len(path) + 1 :]: self._pending.pop(k)
-                   for k in list(self._pending) if k.startswith(path + ".")}
-        if pending:
-            state.load_state_dict(pending)
-        node.add_module(leaf, state)
+        pending = node._modules.get(leaf)  # a namespace of what was loaded for it
+        if pending is not None:
+            state.load_state_dict(dict(pending.named_buffers()))
+        node._modules[leaf] = state
         return DELAYED_STATES.register(state, key)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # States that exist load themselves (their modules are visited after this one); keep the
-        # rest until the graph that makes their state is captured.
-        existing = set(self.state_dict().keys())
-        for key, value in state_dict.items():
-            if key.startswith(prefix) and key[len(prefix) :] not in existing:
-                self._pending[key[len(prefix) :]] = value.detach().clone()
 
 
 # The hooks find the state on the module they are called for, so copies of a model (whose hook
@@ -147,5 +174,5 @@ def _load_states(
 ):
     ours = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + STATE_PREFIX)}
     own = {k[len(prefix + STATE_PREFIX) :]: v for k, v in ours.items()}
-    result = module.__dict__["_qpass"].load_state_dict(own, strict=strict)
+    result = module.__dict__["_qpass"].states.load_state_dict(own, strict=strict)
     missing_keys += [prefix + STATE_PREFIX + k for k in result.missing_keys]
