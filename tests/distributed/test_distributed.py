@@ -155,6 +155,26 @@ def test_uneven_shards_at_four_ranks(single):
     assert _close(result["parameters"], one["parameters"]) <= BOUND
 
 
+def test_graph_breaks_against_torch_compile_alone():
+    counts = workers.run_ranks(2, workers.graph_breaks_each, ["ddp", "ddp_inside", "fsdp"])[0]
+    none = {"block": 0, "disabled": 0, "other": 0}
+    assert workers.graph_breaks("single") == {"qpass": none, "torch": none}
+    # DDP around the compiled model: none (torch.compile of the DDP module breaks twice in DDP).
+    assert counts["ddp"]["qpass"] == none and sum(counts["ddp"]["torch"].values()) > 0
+    # The DDP module compiled: Dynamo also breaks once at DDP's logger call, which torch.compile's
+    # own path for a DDP module (its DDPOptimizer) traces past.
+    ddp = counts["ddp_inside"]
+    assert ddp["qpass"]["other"] == ddp["torch"]["other"] + 1
+    assert ddp["qpass"]["disabled"] == ddp["torch"]["disabled"]
+    # FSDP2: each unit below the model (2 layers) is compiled on its own: its caller's graph breaks
+    # at the call (where FSDP2's hooks broke it before: Dynamo tries the call in the model's frame
+    # and again in the frame that holds the loop, so twice at most), and no more often at FSDP2's
+    # hooks than torch.compile of the whole model does; nothing else breaks.
+    fsdp = counts["fsdp"]
+    assert fsdp["qpass"]["other"] == fsdp["torch"]["other"] == 0
+    assert 0 < fsdp["qpass"]["block"] <= 2 * 2 and fsdp["qpass"]["disabled"] <= fsdp["torch"]["disabled"]
+
+
 def test_collectives_without_a_process_group_are_the_single_process_ones():
     from qpass.ops import matmul
     from qpass.quantizer import Quantizer

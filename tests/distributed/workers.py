@@ -203,3 +203,34 @@ def run_ranks(world: int, job, *args) -> list:
         mp.start_processes(_rank_main, args=(world, _free_port(), job, args, out), nprocs=world,
                            start_method="spawn")
         return [torch.load(f"{out}/{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def graph_breaks(mode: str) -> dict[str, dict[str, int]]:
+    """Graph breaks of one training step of the tiny Llama compiled by qpass, and by torch.compile
+    alone (the same backend, nothing quantized), as Dynamo counts them, by cause: a call of a block
+    qpass compiles on its own (``block``), a function excluded from compilation, such as FSDP2's
+    hooks (``disabled``), anything else (``other``)."""
+    counts = {}
+    for compiler in ("qpass", "torch"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        if compiler == "qpass":
+            model, _ = compiled(mode, "fp8-train")
+        else:
+            model, _ = compiled(mode, "fp8-train", exclude=["*"])
+            qpass.capture.remove(model if mode != "ddp" else model.module)
+            model.compile(backend="eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step(model, torch.optim.SGD(model.parameters(), lr=LR), global_batches(1)[0])
+        causes = {"block": 0, "disabled": 0, "other": 0}
+        for reason, count in torch._dynamo.utils.counters["graph_break"].items():
+            cause = ("block" if "BlockCall" in reason else "disabled" if "function `disable`" in reason
+                     else "other")
+            causes[cause] += count
+        counts[compiler] = causes
+    return counts
+
+
+def graph_breaks_each(modes: list[str]) -> dict[str, dict[str, dict[str, int]]]:
+    return {mode: graph_breaks(mode) for mode in modes}
