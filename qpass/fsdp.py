@@ -68,6 +68,8 @@ class LowPrecisionGather:
         group = mesh.get_group()
         rows = -(-outer_size[0] // group.size())  # every rank's padded shard: the first one's
         shard = self.shard.detach()
+        if mp_policy.param_dtype is not None:  # what the forward would have quantized: the cast weight
+            shard = shard.to(mp_policy.param_dtype)
         if shard.numel() == 0:  # a rank with no rows: only zeros, whose amax changes no MAX
             shard = shard.new_zeros(1, *outer_size[1:])
         qt = quantize(shard, self.quantizer.spec, -1, rounding=self.quantizer.rounding,

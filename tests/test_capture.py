@@ -150,3 +150,19 @@ def test_blocks_compile_each_layer_on_its_own():
     assert [row["site"] for row in report.quantized] == [
         "layers.0.up", "layers.0.down", "layers.1.up", "layers.1.down"]
     assert all(not row["notes"] for row in report.rows)
+
+
+def test_a_block_whose_last_linear_projects_onto_the_vocabulary_size_is_no_lm_head():
+    # The block's graph ends with down_proj (out 64, the vocabulary's size): the model names lm_head.
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    qm = qpass.compile(model, "fp8-train", backend="eager", blocks="model.layers.*")
+    qm(torch.randint(0, 64, (1, 8)))
+    report = qpass.report(qm)
+    assert report["model.layers.1.mlp.down_proj"]["quantized"]
+    assert report["lm_head"]["reason"].startswith("final output projection")
+    assert len(report.quantized) == 14

@@ -173,12 +173,11 @@ class _Vocabulary:
 
     weights: frozenset  # weight nodes of the graph's embeddings
     tensors: tuple[torch.Tensor, ...]  # the model's embedding weights (lm_head's graph may have none)
-    size: int | None
+    size: int | None  # of the graph's embeddings: a block's graph has none, nor its last matmul lm_head
 
     @staticmethod
     def of(embeddings: list[Site], context: ModelContext) -> _Vocabulary:
         sizes = [v.shape[0] for s in embeddings if (v := meta_value(s.operands[0])) is not None]
-        sizes += [weight.shape[0] for weight in context.embedding_weights]
         return _Vocabulary(frozenset(s.weights[0] for s in embeddings) - {None}, context.embedding_weights,
                            max(sizes, default=None))
 
@@ -187,7 +186,8 @@ class _Vocabulary:
 
 
 def _traits(
-    site: Site, last_matmul: Site | None, vocabulary: _Vocabulary, parameters: dict[fx.Node, torch.Tensor]
+    site: Site, last_matmul: Site | None, vocabulary: _Vocabulary, parameters: dict[fx.Node, torch.Tensor],
+    context: ModelContext,
 ) -> frozenset[str]:
     """Integer products; the output projection (lm_head); MoE routers (a linear feeding a top-k)."""
     traits = set()
@@ -200,7 +200,7 @@ def _traits(
     # Untied: the last matmul, projecting onto the largest embedding's vocabulary.
     last_onto_vocabulary = (site is last_matmul and vocabulary.size is not None
                             and _out_features(site) == vocabulary.size)
-    if tied or last_onto_vocabulary:
+    if tied or last_onto_vocabulary or (site.module and site.module == context.output_projection):
         traits.add("output_projection")
     if _downstream(site.node, lambda n: is_op(n, TOPK), ROUTER_OPS) is not None:
         traits.add("router")
@@ -220,13 +220,16 @@ class ModelContext:
     the id Dynamo records in the module stack, both as ``named_modules`` spells it (``raw``) and
     without wrappers (``paths``: no ``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``, FSDP's or
     activation checkpointing's); each parameter's module, by the parameter's id (a frame that is a
-    module's own forward records no stack for its ops); and the embeddings' weights, which tell a
-    tied lm_head."""
+    module's own forward records no stack for its ops); the embeddings' weights, which tell a tied
+    lm_head; and the output projection a Hugging Face model names (``get_output_embeddings``), which
+    a graph broken before it (FSDP2's units) cannot tell by being the last matmul after the
+    embeddings."""
 
     paths: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, str] = field(default_factory=dict)
     owners: Mapping[int, str] = field(default_factory=dict)
     embedding_weights: tuple[torch.Tensor, ...] = ()
+    output_projection: str | None = None
 
     @staticmethod
     def of(model: nn.Module) -> ModelContext:
@@ -238,7 +241,10 @@ class ModelContext:
             for parameter in module.parameters(recurse=False):
                 owners.setdefault(id(parameter), paths[key])
         embeddings = tuple(m.weight for m in model.modules() if isinstance(m, nn.Embedding))
-        return ModelContext(paths, raw, owners, embeddings)
+        outermost = next((m for m in model.modules() if hasattr(m, "get_output_embeddings")), None)
+        head = None if outermost is None else outermost.get_output_embeddings()
+        return ModelContext(paths, raw, owners, embeddings,
+                            None if head is None else paths.get(str(id(head))))
 
     def unwrapped(self, raw_path: str) -> str | None:
         """The path without wrappers of the module that ``named_modules`` calls ``raw_path``."""
@@ -324,6 +330,6 @@ def find_sites(
     vocabulary = _Vocabulary.of([s for s in ordered if s.op.family == "embedding"], context)
     # The output projection is the last matmul: identity, so compare before replacing any site.
     last = matmuls[-1] if matmuls else None
-    traits = [_traits(site, last, vocabulary, parameters) for site in ordered]
+    traits = [_traits(site, last, vocabulary, parameters, context) for site in ordered]
     ordered = [replace(site, traits=t) for site, t in zip(ordered, traits)]
     return [replace(site, name=name) for site, name in zip(ordered, _names(ordered))]
