@@ -13,7 +13,8 @@ variant in the same run, round-robin step by step:
 Bytes are those of every ``all_gather_single`` (outputs) and ``reduce_scatter_single`` (inputs)
 FSDP2 issues in a step after the first (which finds qpass's sites, and gathers in bf16), counted by
 wrapping the collectives. Step time is the median wall time of a step on rank 0. Writes its table
-to bench/RESULTS.md between this benchmark's markers.
+to bench/RESULTS.md between this benchmark's markers. (The ranks are spawned by the distributed tests'
+helper, tests/distributed/workers.py.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from results import write_section  # noqa: E402
 import qpass  # noqa: E402
 
 RECIPES = ("fp8-train", "fp8-rowwise-train", "mxfp8-train", "nvfp4-train")
+UNSYNCED = "fp8-train, sync_amax=False"  # what agreeing on one scale across ranks costs
 SHAPE = dict(hidden=256, intermediate=1024, layers=2, heads=8, vocab=256, seq=128, batch=8)
 
 
@@ -66,6 +68,8 @@ def _variant(name: str):
     fully_shard(model, mp_policy=policy)
     if name in RECIPES:
         return qpass.compile(model, name, backend="aot_eager")
+    if name == UNSYNCED:
+        return qpass.compile(model, "fp8-train", backend="aot_eager", sync_amax=False)
     model.compile(backend="aot_eager")
     return model
 
@@ -131,13 +135,13 @@ def main() -> None:
         peers = ["torchao float8"]
     except ImportError:
         peers = []
-    names = ["FSDP2 bf16", *RECIPES, *peers]
+    names = ["FSDP2 bf16", *RECIPES, UNSYNCED, *peers]
     started = time.perf_counter()
     results = workers.run_ranks(2, measure, names, args.warmup, args.steps)[0]
     base = results["FSDP2 bf16"]
     base_time = statistics.median(base["times"])
-    rows = ["| variant | all-gathered / step | vs bf16 | reduce-scattered / step | vs bf16 | step (ms) | vs bf16 |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| variant | all-gathered / step | vs bf16 | reduce-scattered / step | vs bf16 | step (ms) "
+            "| vs bf16 |", "|---|---|---|---|---|---|---|"]
     for name in names:
         r = results[name]
         gathered, scattered = r["bytes"]["all_gather_single"], r["bytes"]["reduce_scatter_single"]
@@ -151,13 +155,17 @@ def main() -> None:
     shape = ", ".join(f"{k} {v}" for k, v in SHAPE.items())
     body = "\n".join([
         f"{machine}.",
-        f"Reproduce: `make bench` (or `python bench/distributed_cpu.py --steps {args.steps} --warmup {args.warmup}`).",
+        "Reproduce: `make bench` (or "
+        f"`python bench/distributed_cpu.py --steps {args.steps} --warmup {args.warmup}`).",
         "",
-        f"Llama ({shape}); FSDP2 with bf16 parameters and reductions; each decoder layer a unit, then the",
-        "model. Bytes per step after the first (all-gathers for forward and again for backward); median",
+        f"Llama ({shape}); FSDP2 with bf16 parameters and reductions;",
+        "each decoder layer a unit, then the model. Bytes per step after the first (all-gathers for",
+        "forward and again for backward); median",
         f"step time of {args.steps} steps after {args.warmup} warm-up, the variants round-robin, aot_eager.",
         "qpass gathers FP8 per-tensor weights (fp8-train) as codes; per-channel, MX and NVFP4 weights",
         "gather in bf16 (their dgrad needs the weight along the other axis: docs/distributed.md).",
+        "`sync_amax=False` shows what the all-reduces that agree on one per-tensor scale cost (torchao",
+        "computes each rank's activation and gradient scales from its own share, without them).",
         "",
         *rows,
         "",
