@@ -187,7 +187,8 @@ class CompiledCall:
     def detach_blocks(self) -> None:
         for block, handle in self._blocks:
             block.__dict__.pop("_compiled_call_impl", None)
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         self._blocks = []
 
 
@@ -237,7 +238,10 @@ def _block_boundary(module: nn.Module, args) -> None:
 
 
 def _install_block(block: nn.Module, state: QpassState, region: str):
+    """The block's compiled call, and its boundary hook's handle (None: a copy's block has the hook)."""
     block.__dict__["_compiled_call_impl"] = BlockCall(block, state, region)
+    if any(hook is _block_boundary for hook in block._forward_pre_hooks.values()):
+        return None
     return block.register_forward_pre_hook(_block_boundary)
 
 

@@ -12,6 +12,10 @@ unsharded weight, and the codes themselves are kept for the GEMMs: the weight's 
 (:func:`qpass.ops.matmul.operand`) takes them (:func:`gathered_operand`) instead of quantizing the
 values again, in either orientation, since one scale serves both.
 
+The extension is attached to FSDP2's own objects (its parameter group's ``FSDPParam``s, their
+sharded local tensors and all-gather buffers, as of torch 2.13): where they are not as expected, the
+weights are gathered in their own dtype and qpass warns.
+
 Weights quantized per channel, per block (MX) or by NVFP4 are gathered in their own dtype: their
 dgrad quantizes the weight along the other axis, which the forward's codes cannot give (see
 docs/distributed.md), as are weights under delayed scaling, whose history is the graph's.
@@ -20,6 +24,7 @@ Gradients are reduce-scattered by FSDP2 as always.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -103,6 +108,10 @@ def _register(weight: Tensor, op: GemmOperand) -> None:
     _GATHERED[weight.untyped_storage()._cdata] = (weakref.ref(weight), weight._version, op)
 
 
+_FSDP_PARAM_ATTRIBUTES = ("_module_info", "_sharded_local_tensor", "_init_extensions", "all_gather_outputs",
+                          "fsdp_placement")
+
+
 def gather_in_low_precision(model: nn.Module, plans: dict, paths: dict[str, str]) -> list[str]:
     """Give every FSDP2-sharded weight of ``model`` whose site quantizes it per tensor alike in both
     its GEMMs the low-precision all-gather; returns the sites so served. ``paths``: module id to its
@@ -124,7 +133,12 @@ def gather_in_low_precision(model: nn.Module, plans: dict, paths: dict[str, str]
         if not isinstance(module, FSDPModule):
             continue
         group = module._get_fsdp_state()._fsdp_param_group
-        for fsdp_param in [] if group is None else group.fsdp_params:
+        fsdp_params = [] if group is None else group.fsdp_params
+        if not all(hasattr(p, attr) for p in fsdp_params for attr in _FSDP_PARAM_ATTRIBUTES):
+            warnings.warn("qpass: this torch's FSDP2 parameters are not as qpass knows them (torch 2.13): "
+                          "weights are all-gathered in their own dtype", stacklevel=2)
+            return []
+        for fsdp_param in fsdp_params:
             info = fsdp_param._module_info
             found = by_weight.get(paths.get(str(id(info.module))))
             if info.param_name != "weight" or found is None or fsdp_param.fsdp_placement.dim != 0:
@@ -139,6 +153,7 @@ def gather_in_low_precision(model: nn.Module, plans: dict, paths: dict[str, str]
                 # The all-gathers so far were of the weight itself, into buffers of its dtype that
                 # hold its unsharded parameter: FSDP2 makes both anew at the next one.
                 fsdp_param.all_gather_outputs = []
-                del fsdp_param._unsharded_param
+                if hasattr(fsdp_param, "_unsharded_param"):
+                    del fsdp_param._unsharded_param
             served.append(found[0])
     return served

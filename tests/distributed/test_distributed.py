@@ -125,6 +125,31 @@ def test_delayed_histories_stay_identical_across_ranks():
         assert torch.allclose(ranks[0]["states"][key], expected, rtol=BOUND, atol=0), key
 
 
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan-on-one-rank"])
+def test_every_rank_quantizes_with_the_global_batchs_scale(nan):
+    from qpass.ops import matmul
+    from qpass.quantizer import Quantizer
+
+    generator = torch.Generator().manual_seed(0)
+    shares = [torch.randn(8, 64, generator=generator) * (1 + 3 * rank) for rank in range(2)]
+    if nan:
+        shares[1][3, 5] = float("nan")
+    quantizers = [Quantizer(name).to_json() for name in ("fp8_e4m3", "fp8_e5m2", "nvfp4")]
+    ranks = workers.run_ranks(2, workers.synced_scales, quantizers, shares)
+    whole = torch.cat(shares)
+    for i, q in enumerate(quantizers):
+        expected = matmul.operand_tensors(whole, q, -1, "", "", False, False, False)
+        for rank, share in enumerate(shares):
+            codes, scales, g = ranks[rank][i]
+            rows = slice(8 * rank, 8 * rank + 8)
+            if Quantizer.from_json(q).per_tensor:  # one scale, the whole batch's: the same codes too
+                assert torch.equal(scales, expected[1]) or (nan and scales.isnan() and expected[1].isnan())
+                assert torch.equal(codes.view(torch.uint8), expected[0][rows].view(torch.uint8))
+            else:  # NVFP4: the global scale is the whole batch's, and with it every block's codes
+                assert torch.equal(g, expected[2]) or (nan and g.isnan() and expected[2].isnan())
+                assert torch.equal(codes, expected[0][rows])
+
+
 def test_without_sync_the_ranks_disagree():
     ranks = workers.run_ranks(2, workers.train_each,
                               [("ddp", "fp8-train", 2, "eager", {"scaling": "delayed", "sync_amax": False})])

@@ -234,3 +234,11 @@ def graph_breaks(mode: str) -> dict[str, dict[str, int]]:
 
 def graph_breaks_each(modes: list[str]) -> dict[str, dict[str, dict[str, int]]]:
     return {mode: graph_breaks(mode) for mode in modes}
+
+
+def synced_scales(quantizers: list[str], shares: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Each quantizer's operand of this rank's share, its per-tensor amax agreed across ranks."""
+    from qpass.ops import matmul
+
+    share = shares[dist.get_rank()]
+    return [matmul.operand_tensors(share, q, -1, "", "", False, False, True) for q in quantizers]
