@@ -20,8 +20,9 @@ import workers
 
 import qpass
 
-# One xdist worker runs them all: the module fixtures spawn their ranks once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.slow
+# The tests of the module fixtures run on one xdist worker, so that the fixtures spawn their ranks once.
+SHARED = pytest.mark.xdist_group("distributed")
 
 STEPS = 5
 U = 2.0 ** -24
@@ -54,6 +55,7 @@ def _close(got: dict, want: dict) -> float:
     return max(((got[k] - v).abs().max() / v.abs().max()).item() for k, v in want.items())
 
 
+@SHARED
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_data_parallel_training_is_the_single_process_training(two_ranks, single, mode, recipe):
@@ -71,6 +73,7 @@ def test_data_parallel_training_is_the_single_process_training(two_ranks, single
         assert torch.equal(value, ranks[1]["parameters"][name]), name
 
 
+@SHARED
 def test_fsdp2_under_aot_autograd(two_ranks, single):
     ranks, one = two_ranks["fsdp", "fp8-train", "aot_eager"], single["fp8-train"]
     assert ranks[0]["report"] == one["report"]
@@ -84,6 +87,7 @@ def single_notes_with_gathers(report: list[tuple]) -> list[list[str]]:
     return [[note] if quantized else [] for _, quantized, *_ in report]
 
 
+@SHARED
 def test_fsdp2_all_gathers_fp8_weights_as_codes(two_ranks, single):
     notes = two_ranks["fsdp", "fp8-train", "eager"][0]["notes"]
     assert notes == single_notes_with_gathers(single["fp8-train"]["report"])
@@ -171,6 +175,7 @@ def test_distributed_checkpoint_loads_at_other_world_sizes(tmp_path):
     assert torch.equal(two[0]["loss_after"], saved["loss_after"])
 
 
+@SHARED
 def test_uneven_shards_at_four_ranks(single):
     # The MLP's 130 rows shard as 33, 33, 33, 31: FSDP2 pads the last shard, and so do its codes.
     ranks = workers.run_ranks(4, workers.train_each, [("fsdp", "fp8-train", STEPS, "eager", {})])

@@ -13,7 +13,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fsdp_train.py"
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("distributed")
 def test_the_fsdp_example_trains_on_two_processes(tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
