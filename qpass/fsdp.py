@@ -105,6 +105,9 @@ class LowPrecisionGather:
 
 
 def _register(weight: Tensor, op: GemmOperand) -> None:
+    # The weights of deleted models go: their codes would outlive them here.
+    for key in [key for key, (ref, _, _) in _GATHERED.items() if ref() is None]:
+        del _GATHERED[key]
     _GATHERED[weight.untyped_storage()._cdata] = (weakref.ref(weight), weight._version, op)
 
 

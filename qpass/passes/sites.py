@@ -248,7 +248,11 @@ class ModelContext:
 
     def unwrapped(self, raw_path: str) -> str | None:
         """The path without wrappers of the module that ``named_modules`` calls ``raw_path``."""
-        return next((self.paths[k] for k, name in self.raw.items() if name == raw_path), None)
+        return self._by_raw.get(raw_path)
+
+    @functools.cached_property
+    def _by_raw(self) -> dict[str, str]:
+        return {name: self.paths[key] for key, name in self.raw.items()}
 
 
 def _unwrapped(model: nn.Module, parts: list[str]) -> list[str]:
