@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from qpass.distributed import world_size
+from qpass.experts import ExpertGemm, ExpertGemms, expert_weights, loop_experts, unrecognized
 from qpass.passes import Target, quantize_graph
 from qpass.passes.sites import ModelContext, frame_path
 from qpass.state import QpassState
@@ -88,7 +89,8 @@ def _placed(plans: list, model: nn.Module, context: ModelContext, region: str) -
             return False
         # The module the frame was traced for: the region's, or one that wraps it (DDP's).
         frame_module = raw[: len(raw) - len(relative)].rstrip(".")
-        return context.unwrapped(frame_module) == context.unwrapped(region)
+        return (context.unwrapped(frame_module) == context.unwrapped(region)
+                or _only_instance(model, region, frame_module))
 
     relative = [plan.name for plan in plans if not placed(plan.site)]
     if not relative:
@@ -103,6 +105,15 @@ def _placed(plans: list, model: nn.Module, context: ModelContext, region: str) -
     note = ("traced in a frame Dynamo resumed after a graph break inside a submodule: this site may stand "
             "for that module in every instance (e.g. every layer); blocks= compiles each on its own")
     return [plan.noted(note) if plan.name in relative else plan for plan in plans]
+
+
+def _only_instance(model: nn.Module, region: str, raw: str) -> bool:
+    """A frame traced inside a block's cache region for one of its submodules runs for that submodule
+    alone, unless the block holds other instances of its class (whose calls share its code)."""
+    if not region or not raw.startswith(f"{region}."):
+        return False
+    block, module = model.get_submodule(region), model.get_submodule(raw)
+    return sum(type(m) is type(module) for m in block.modules()) == 1
 
 
 class _Backend:
@@ -157,28 +168,35 @@ def _compiled(state: QpassState, region: str = ""):
 class CompiledCall:
     """What a compiled model's ``__call__`` runs: its Dynamo-compiled forward, compiled at the first
     call (a copy's state is complete only then), watched for modules that ran eagerly. The first
-    call also gives each block (:func:`_blocks`) a compiled call of its own."""
+    call also gives each block (:func:`_blocks`) a compiled call of its own, and each experts module
+    that runs transformers' eager loop its :class:`ExpertsCall`."""
 
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)  # the model holds this call: no reference cycle
         self._compiled = None
-        self._blocks: list[tuple[nn.Module, object]] = []  # (block, the boundary hook's handle)
+        self._blocks: list[tuple[nn.Module, object]] = []  # (block or experts, the boundary hook's handle)
         self._fsdp_gathers_pending = False
 
     def __call__(self, *args, **kwargs):
         model = self._model()
         state = model.__dict__["_qpass"]
         if self._compiled is None:
-            self._compiled = _compiled(state)
-            self._blocks = [(block, _install_block(block, state, region))
+            experts = loop_experts(model)
+            # A model that is itself an eager-loop experts module runs as one, with nothing to compile.
+            self._compiled = (ExpertsCall(model, state, "") if experts and experts[0][0] == ""
+                              else _compiled(state))
+            self._blocks = [(block, _install_call(block, BlockCall(block, state, region)))
                             for region, block in _blocks(model, state)]
+            self._blocks += [(module, _install_call(module, ExpertsCall(module, state, path)))
+                             for path, module in experts if path]
         if self._fsdp_gathers_pending:
             # Between two calls, when FSDP2 holds only shards and no autograd graph an unsharded
             # weight: the first call found the sites, and so which weights all-gather as codes.
             self._fsdp_gathers_pending = False
             _gather_in_low_precision(model, state)
         with _watching(model, state):
-            out = self._compiled(model, *args, **kwargs)
+            out = (self._compiled(*args, **kwargs) if isinstance(self._compiled, ExpertsCall)
+                   else self._compiled(model, *args, **kwargs))
         if not state.checked:
             _check_first_call(model, state)
             self._fsdp_gathers_pending = any(_fsdp_unit(m) for m in [model, *(b for b, _ in self._blocks)])
@@ -218,7 +236,10 @@ def _gather_in_low_precision(model: nn.Module, state: QpassState) -> None:
 
 def _blocks(model: nn.Module, state: QpassState) -> list[tuple[str, nn.Module]]:
     """The outermost submodules that the model's ``blocks`` globs name (by the unwrapped paths that
-    site names use), and every FSDP2 unit below the model, as ``(path in named_modules, module)``."""
+    site names use), and every FSDP2 unit below the model, as ``(path in named_modules, module)``;
+    and the layer (an element of a ``ModuleList``, else the caller) around each eager-loop experts
+    module, which breaks the graph inside it: a graph break in the loop over layers makes Dynamo run
+    every layer from one frame of its own, under the first layer's names."""
     paths = ModelContext.of(model).paths
     chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
@@ -229,7 +250,19 @@ def _blocks(model: nn.Module, state: QpassState) -> list[tuple[str, nn.Module]]:
         state.matched_globs.update(matched)
         if matched or _fsdp_unit(module):
             chosen.append((name, module))
-    return chosen
+    modules = dict(model.named_modules())
+    layers = {_layer(name, modules) for name, _ in loop_experts(model)}
+    layers -= {"", *(name for name, _ in chosen)}
+    return chosen + [(name, modules[name]) for name in sorted(layers)]
+
+
+def _layer(name: str, modules: dict[str, nn.Module]) -> str:
+    """The outermost element of a ``ModuleList`` that holds module ``name``, else its parent."""
+    parts = name.split(".")
+    for end in range(1, len(parts)):
+        if isinstance(modules[".".join(parts[:end - 1])], nn.ModuleList):
+            return ".".join(parts[:end])
+    return name.rpartition(".")[0]
 
 
 def _block_boundary(module: nn.Module, args) -> None:
@@ -237,12 +270,13 @@ def _block_boundary(module: nn.Module, args) -> None:
     inlines the forward of a module without hooks, compiled call or not)."""
 
 
-def _install_block(block: nn.Module, state: QpassState, region: str):
-    """The block's compiled call, and its boundary hook's handle (None: a copy's block has the hook)."""
-    block.__dict__["_compiled_call_impl"] = BlockCall(block, state, region)
-    if any(hook is _block_boundary for hook in block._forward_pre_hooks.values()):
+def _install_call(module: nn.Module, call):
+    """Make ``call`` what the module's ``__call__`` runs; returns the boundary hook's handle (None: a
+    copy's module has the hook)."""
+    module.__dict__["_compiled_call_impl"] = call
+    if any(hook is _block_boundary for hook in module._forward_pre_hooks.values()):
         return None
-    return block.register_forward_pre_hook(_block_boundary)
+    return module.register_forward_pre_hook(_block_boundary)
 
 
 class BlockCall:
@@ -261,6 +295,44 @@ class BlockCall:
         if self._compiled is None:
             self._compiled = _compiled(self._state, self._region)
         return self._compiled(self._block(), *args, **kwargs)
+
+
+class ExpertsCall:
+    """What an eager-loop experts module's ``__call__`` runs (:mod:`qpass.experts`): its forward,
+    eagerly, each expert's GEMM quantized as a graph of its own. Dynamo runs that forward eagerly
+    anyway; tracing a caller, it meets this call as a graph break (it is ``disable``d there) where
+    it would have broken the graph on the loop itself."""
+
+    def __init__(self, module: nn.Module, state: QpassState, raw_path: str):
+        self._module = weakref.ref(module)
+        self._state = state
+        self._path = raw_path
+        self._gemms: dict[tuple, ExpertGemm] = {}
+
+    @torch._dynamo.disable
+    def __call__(self, *args, **kwargs):
+        module = self._module()
+        _CALLS.eager.append([])  # run eagerly by design, its GEMMs quantized: no module to warn about
+        try:
+            with ExpertGemms(expert_weights(module), self._gemm):
+                return module._call_impl(*args, **kwargs)
+        finally:
+            _CALLS.eager.pop()
+
+    def _gemm(self, kind: str, attribute: str, x: torch.Tensor, bias: torch.Tensor | None) -> ExpertGemm:
+        """The quantized graph of this GEMM, captured at its first call (and for each dtype, and with
+        and without gradients, as Dynamo would recompile)."""
+        grad = torch.is_grad_enabled()
+        key = (kind, attribute, bias is not None, x.dtype, x.device, grad)
+        if key not in self._gemms:
+            module, state = self._module(), self._state
+            weight = getattr(module, attribute)
+            gemm = ExpertGemm(module, self._path, kind, x, weight, attribute, bias)
+            target = Target(state.kernels, x.is_cuda, frozen=not grad,
+                            sync_amax=state.recipe.sync_amax and world_size() > 1)
+            quantize_captured(gemm, {gemm.weight_node: weight}, state, target, state.model)
+            self._gemms[key] = gemm
+        return self._gemms[key]
 
 
 torch._dynamo.eval_frame.skip_code(_block_boundary.__code__)
@@ -291,11 +363,14 @@ def recapture(model: nn.Module, *, observe=None, calibration: dict | None = None
     model.__dict__["_compiled_call_impl"] = CompiledCall(model)
 
 
+_INSTALLED_CALLS = (CompiledCall, BlockCall, ExpertsCall)  # what qpass puts in a module's __call__
+
+
 @contextlib.contextmanager
 def uncompiled(model: nn.Module):
     """Run ``model``, its blocks included, as plain Python (torch.export traces it itself)."""
     saved = {module: module.__dict__.pop("_compiled_call_impl") for module in model.modules()
-             if isinstance(module.__dict__.get("_compiled_call_impl"), (CompiledCall, BlockCall))}
+             if isinstance(module.__dict__.get("_compiled_call_impl"), _INSTALLED_CALLS)}
     try:
         yield model
     finally:
@@ -321,6 +396,9 @@ def _check_first_call(model: nn.Module, state: QpassState) -> None:
         )
     elif not state.plans:
         warnings.warn("qpass found no matmul or attention in this model: it runs unquantized", stacklevel=4)
+    state.unrecognized = unrecognized(model, state.plans, ModelContext.of(model))
+    for module, why in state.unrecognized.items():
+        warnings.warn(f"qpass: {module} is NOT quantized: {why} (qpass.report lists it)", stacklevel=4)
     globs = [glob for glob, _ in state.recipe.rules] + list(state.recipe.exclude) + list(state.blocks)
     for glob in globs:
         if glob not in state.matched_globs:

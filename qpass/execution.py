@@ -8,7 +8,8 @@ site's plan, and the rewritten graph passes them to the ops as JSON beside the q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 from qpass.jsontuple import JsonTuple
 from qpass.matmul_quantizers import MatmulQuantizers
@@ -51,3 +52,20 @@ class Execution(JsonTuple):
 
 
 REFERENCE = Execution()
+
+ProductConfig = tuple[str, str]  # (MatmulQuantizers JSON, Execution JSON): what a quantized form takes
+
+
+@functools.lru_cache(maxsize=None)
+def without_hoisted(config: ProductConfig) -> tuple[MatmulQuantizers, Execution, ProductConfig | None]:
+    """The product's quantizers and execution, and the op's config once hoisted operands are taken
+    out (None: no op)."""
+    q, run = MatmulQuantizers.from_json(config[0]), Execution.from_json(config[1])
+    inner, inner_run = q, run
+    if q.hoists_a:
+        inner, inner_run = replace(inner, a=None, db_a=None), replace(inner_run, a_state="")
+    if q.hoists_b:
+        inner, inner_run = replace(inner, b=None, da_b=None), replace(inner_run, b_state="")
+    op_config = ((inner.to_json(), inner_run.to_json()) if any((inner.a, inner.b, inner.quantizes_backward))
+                 else None)
+    return q, run, op_config

@@ -17,22 +17,17 @@ torch.export trace them into the :mod:`qpass.ops` custom ops:
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from qpass.einsum import einsum_layout
-from qpass.execution import Execution
-from qpass.matmul_quantizers import MatmulQuantizers
+from qpass.execution import ProductConfig, without_hoisted
 from qpass.ops.matmul import quantized_matmul
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
-
-ProductConfig = tuple[str, str]  # (MatmulQuantizers JSON, Execution JSON)
 
 
 def rotate(x: Tensor, rotation: Rotation | None, axis: int) -> Tensor:
@@ -52,21 +47,6 @@ def qdq(
     if quantizer is None:
         return x
     return torch.ops.qpass.quantize_dequantize(x, quantizer.to_json(), axis, state, sync)
-
-
-@functools.lru_cache(maxsize=None)
-def without_hoisted(config: ProductConfig) -> tuple[MatmulQuantizers, Execution, ProductConfig | None]:
-    """The product's quantizers and execution, and the op's config once hoisted operands are taken
-    out (None: no op)."""
-    q, run = MatmulQuantizers.from_json(config[0]), Execution.from_json(config[1])
-    inner, inner_run = q, run
-    if q.hoists_a:
-        inner, inner_run = replace(inner, a=None, db_a=None), replace(inner_run, a_state="")
-    if q.hoists_b:
-        inner, inner_run = replace(inner, b=None, da_b=None), replace(inner_run, b_state="")
-    op_config = ((inner.to_json(), inner_run.to_json()) if any((inner.a, inner.b, inner.quantizes_backward))
-                 else None)
-    return q, run, op_config
 
 
 def product(a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
@@ -90,6 +70,36 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None, config: ProductCo
 def addmm(bias: Tensor, a: Tensor, b: Tensor, beta, alpha, config: ProductConfig) -> Tensor:
     """``beta · bias + alpha · (A · B)``, for ``addmm`` and ``baddbmm`` alike."""
     return torch.add(bias if beta == 1 else bias * beta, product(a, b, config), alpha=alpha)
+
+
+def grouped_mm(input: Tensor, mat2: Tensor, offs: Tensor, config: ProductConfig) -> Tensor:
+    """``torch._grouped_mm(input [S, K], mat2 [E, K, N], offs)``, each expert's product quantized on
+    its own (:mod:`qpass.ops.grouped`)."""
+    return torch.ops.qpass.grouped_matmul(input, mat2, offs, *config)
+
+
+def token_bmm(input: Tensor, weight: Tensor, index: Tensor, layout: str, config: ProductConfig) -> Tensor:
+    """A per-token bmm of the weights its expert ids gather, ``bmm(weight[index], input)`` (layout
+    "nk": weight ``[E, N, K]``, input ``[S, K, 1]``) or ``bmm(input, weight[index])`` ("kn": ``[E, K, N]``,
+    ``[S, 1, K]``), as the grouped GEMM of the tokens sorted by expert (in their order within an
+    expert), then put back in order."""
+    tokens = input.reshape(index.shape[0], -1)
+    order = torch.argsort(index, stable=True)
+    counts = torch.zeros(weight.shape[0], dtype=torch.int64, device=index.device)
+    offs = torch.cumsum(counts.scatter_add(0, index, torch.ones_like(index)), 0).to(torch.int32)
+    experts = weight.mT if layout == "nk" else weight
+    out = torch.ops.qpass.grouped_matmul(tokens[order], experts, offs, *config)
+    out = out[torch.argsort(order)]
+    return out.unsqueeze(-1) if layout == "nk" else out.unsqueeze(1)
+
+
+def expert_bmm(input: Tensor, other: Tensor, config: ProductConfig) -> Tensor:
+    """``[E, C, K] · [E, K, N]``: expert ``e``'s C tokens times its matrix, as the grouped GEMM of
+    equal groups."""
+    experts, capacity = other.shape[0], input.shape[-2]
+    offs = torch.arange(1, experts + 1, dtype=torch.int32, device=input.device) * capacity
+    out = torch.ops.qpass.grouped_matmul(input.reshape(-1, input.shape[-1]), other, offs, *config)
+    return out.reshape(*input.shape[:-1], other.shape[-1])
 
 
 def einsum(equation: str, a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:

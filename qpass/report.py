@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qpass.capture import state_of
+from qpass.passes.kinds import meta_value
 from qpass.passes.plan import SitePlan
 
 
@@ -32,7 +33,7 @@ class Report:
 
     def __str__(self) -> str:
         header = ("site", "kind", "K", "quantization")
-        lines = [(r["site"], r["kind"], _reduction(r), _describe(r)) for r in self.rows]
+        lines = [(r["site"], _kind(r), _reduction(r), _describe(r)) for r in self.rows]
         widths = [max(len(line[i]) for line in [header, *lines]) for i in range(3)]
         table = [
             f"qpass report: recipe {self.recipe}, {len(self.quantized)} of {len(self.rows)} sites quantized",
@@ -41,6 +42,10 @@ class Report:
         ]
         table += ["  ".join(c.ljust(w) for c, w in zip(line, [*widths, 0])).rstrip() for line in lines]
         return "\n".join(table)
+
+
+def _kind(row: dict) -> str:
+    return row["kind"] if row["experts"] is None else f"{row['kind']} ({row['experts']} experts)"
 
 
 def _reduction(row: dict) -> str:
@@ -55,7 +60,7 @@ def _describe(row: dict) -> str:
     differ), which GEMM runs them, then what the rotation and splitting passes did."""
     notes = "".join(f"; {note}" for note in row["notes"])
     if not row["quantized"]:
-        return f"excluded: {row['reason']}{notes}"
+        return f"{'not quantized' if row['kind'] == 'module' else 'excluded'}: {row['reason']}{notes}"
     by_role: dict[str, dict[str, str]] = {}
     for key, fmt in row["formats"].items():
         *product, gemm, role = key.split(".")
@@ -89,7 +94,13 @@ def _row(plan: SitePlan) -> dict:
         "backend": plan.backend or None,  # which implementation runs it (None: excluded)
         "gemm": plan.gemms or None,  # which GEMM runs each of its GEMMs (None: excluded)
         "notes": list(plan.notes),
+        "experts": _experts(site),  # how many experts an expert site's weight holds (None: not one)
     }
+
+
+def _experts(site) -> int | None:
+    weight = meta_value(site.weights[-1]) if site.op.family == "experts" and site.weights else None
+    return None if weight is None else weight.shape[0]
 
 
 def report(model: nn.Module) -> Report:
@@ -98,4 +109,13 @@ def report(model: nn.Module) -> Report:
     notes = ([state.recipe.notes] if state.recipe.notes else []) + state.notes
     if not state.graphs_captured:
         notes.append("no graph captured yet: sites are found when the model first runs")
-    return Report(state.recipe.name, [_row(plan) for plan in state.plans.values()], notes)
+    rows = [_row(plan) for plan in state.plans.values()]
+    rows += [_unrecognized_row(module, why) for module, why in state.unrecognized.items()]
+    return Report(state.recipe.name, rows, notes)
+
+
+def _unrecognized_row(module: str, why: str) -> dict:
+    """A module whose GEMMs qpass did not find (an expert layout it does not know): not quantized."""
+    return {"site": module, "kind": "module", "module": module, "K": None, "roles": (), "quantized": False,
+            "formats": {}, "reason": why, "extra_channels": 0, "backend": None,
+            "gemm": None, "notes": [], "experts": None}

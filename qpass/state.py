@@ -89,6 +89,7 @@ class QpassState:
         self.hooks: list = []  # handles of the hooks on the model that go with this state
         self.plans: dict = {}  # site name -> SitePlan, across every captured graph
         self.notes: list[str] = []  # what the passes said about whole graphs (residual rotation)
+        self.unrecognized: dict[str, str] = {}  # module -> why its weights are no site's (qpass.experts)
         self.calibration: dict[str, torch.Tensor] = {}  # site -> per-channel input max (qpass.calibrate)
         self.observe = None  # set while calibrating: graphs report their inputs instead of quantizing
         self.matched_globs: set[str] = set()  # rule and exclude globs that matched a site
@@ -137,7 +138,7 @@ class QpassState:
     def restart(self, *, observe=None, calibration: dict | None = None) -> None:
         """Forget the captured graphs and set what the next captures use: an observer while
         calibrating, or calibration statistics."""
-        self.plans, self.notes, self.graphs_captured = {}, [], 0
+        self.plans, self.notes, self.unrecognized, self.graphs_captured = {}, [], {}, 0
         self.checked = observe is not None  # the first-call checks are for the quantized graphs
         self.observe = observe
         if calibration is not None:

@@ -6,6 +6,8 @@
   Triton dequant GEMM or the reference), and the cuBLASLt constraints it checks.
 - :mod:`~qpass.ops.matmul`: ``qpass::gemm_operand`` (an operand quantized for a GEMM) and
   ``qpass::quantized_matmul`` with its SPEC section 6 backward.
+- :mod:`~qpass.ops.grouped`: ``qpass::grouped_matmul``, a mixture of experts' GEMM, each expert's
+  product quantized as a dense one (SPEC section 6), by experts in a loop inside the op.
 - :mod:`~qpass.ops.kernels`: ``qpass::fake_quantize_kernel`` and ``qpass::packed_linear``, the
   generated Triton kernels of a lowered graph.
 - :mod:`~qpass.ops.stored`: ``qpass::dequantize_packed``, a weight stored quantized (ONNX export).
@@ -18,6 +20,6 @@ implementation, so torch.compile traces them without graph breaks, and takes its
 strings, so an exported graph says what it computes. Importing this package registers them all.
 """
 
-from qpass.ops import clamping, gemm, kernels, matmul, qdq, stored
+from qpass.ops import clamping, gemm, grouped, kernels, matmul, qdq, stored
 
-__all__ = ["clamping", "gemm", "kernels", "matmul", "qdq", "stored"]
+__all__ = ["clamping", "gemm", "grouped", "kernels", "matmul", "qdq", "stored"]

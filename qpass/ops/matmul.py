@@ -139,7 +139,7 @@ def quantize_ahead(quantizer: Quantizer | None, x: Tensor, axis: int, kernels: b
                    rotation.to_json() if rotation else "", state, kernels, values, sync))
 
 
-def _multiplies_values(x: Quantizer | None, y: Quantizer | None, tensor: Tensor, batched: bool) -> bool:
+def multiplies_values(x: Quantizer | None, y: Quantizer | None, tensor: Tensor, batched: bool) -> bool:
     """The GEMM of operands so quantized runs the reference: it multiplies their values."""
     return route(x, y, tensor.device, batched).startswith("reference")
 
@@ -184,7 +184,7 @@ def quantized_matmul(a: Tensor, b: Tensor, quantizers: str, execution: str) -> T
     # Each saved operand serves the gradient of the *other* operand.
     grad = torch.is_grad_enabled()
     save_a, save_b = save_a and grad and b.requires_grad, save_b and grad and a.requires_grad
-    values = _multiplies_values(q.a, q.b, a, b.ndim > 2)
+    values = multiplies_values(q.a, q.b, a, b.ndim > 2)
     a_k = quantize_ahead(q.a, a, -1, kernels, run.a_state, q.rotation, values and not (q.shares_a and save_a),
                          run.sync_a)
     b_k = quantize_ahead(q.b, b, -2, kernels, run.b_state, q.rotation, values and not (q.shares_b and save_b),
@@ -219,8 +219,8 @@ def backward_gemms(
                                   grad.shape[-1])
     kernels, accumulated = run.kernels, torch.promote_types(grad.dtype, torch.float32)
     batched = len(b_shape) > 2
-    dgrad_values = _multiplies_values(q.da_grad, q.da_b, grad, batched)
-    wgrad_values = _multiplies_values(q.db_a, q.db_grad, grad, batched)
+    dgrad_values = multiplies_values(q.da_grad, q.da_b, grad, batched)
+    wgrad_values = multiplies_values(q.db_a, q.db_grad, grad, batched)
     shared = (operand(q.da_grad, grad, -1, run.grad_state, kernels=kernels,
                       values=dgrad_values and wgrad_values, sync=run.sync_grad) if q.shares_grad else None)
     grad_a = grad_b = grad.new_empty(0)

@@ -65,6 +65,13 @@ def _product_dims(kind: OpKind, shapes: list) -> list[Dims]:
     return [(_static(m), _static(a[-1]), _static(b[-1]))]
 
 
+def _expert_dims(kind: OpKind, shapes: list) -> list[Dims]:
+    """An expert's GEMM: K and N from its weight; M, its tokens, is decided by routing at run time."""
+    a, b = shapes
+    k, n = (b[-1], b[-2]) if kind.weight_k_axis == -1 else (b[-2], b[-1])
+    return [(None, _static(k), _static(n))]
+
+
 def _attention_dims(kind: OpKind, shapes: list) -> list[Dims]:
     """Q·Kᵀ reduces head_dim, P·V the keys."""
     q, k, v = shapes
@@ -79,11 +86,11 @@ class OpKind:
     ``operands``: the bound arguments that are the site's operands. ``roles``: theirs, fixed, or None
     for "``weight`` where the operand is a parameter, else ``input``". ``products``: the role pairs
     of the products it computes (None: one product of its operands). ``replacement``: the quantized
-    function, called with ``arguments`` (bound names) and one :data:`~qpass.quantized.ProductConfig`
+    function, called with ``arguments`` (bound names) and one :data:`~qpass.execution.ProductConfig`
     per product, positionally or, with ``config_keywords``, by keyword."""
 
     name: str
-    family: str  # "matmul", "attention" or "embedding"
+    family: str  # "matmul", "experts" (a mixture of experts' GEMMs), "attention" or "embedding"
     signatures: tuple[tuple[tuple, tuple[str, ...]], ...]
     operands: tuple[str, ...]
     roles: tuple[str, ...] | None = None
@@ -103,9 +110,12 @@ class OpKind:
     reduction_of: Callable[[dict, torch.Size], int] = _last_axis
     dims_of: Callable[[OpKind, list], list[Dims]] | None = _product_dims
     unsupported_of: Callable[[dict], str | None] | None = None
+    # Beyond its targets, what the node must look like (the experts' kinds share targets with others).
+    accepts: Callable[[fx.Node], bool] | None = None
 
     def matches(self, node: fx.Node) -> bool:
-        return not self.by_pattern and self.signature(node) is not None
+        return (not self.by_pattern and self.signature(node) is not None
+                and (self.accepts is None or self.accepts(node)))
 
     def signature(self, node: fx.Node) -> tuple[str, ...] | None:
         if node.op not in ("call_function", "call_method"):
@@ -163,9 +173,23 @@ class OpKind:
         return self.dims_of(self, shapes)
 
 
+@dataclass(frozen=True)
+class OpName:
+    """A custom op by its qualified name, for ops of libraries that may not be imported
+    (``transformers::grouped_mm_fallback``)."""
+
+    qualified: str
+
+    def names(self, target) -> bool:
+        if isinstance(target, torch._ops.OpOverloadPacket):
+            return target._qualified_op_name == self.qualified
+        return isinstance(target, torch._ops.OpOverload) and target.name().split(".")[0] == self.qualified
+
+
 def is_op(node: fx.Node, targets: tuple) -> bool:
     if node.op == "call_function":
-        return any(node.target is t for t in targets if not isinstance(t, str))
+        return any(t.names(node.target) if isinstance(t, OpName) else node.target is t
+                   for t in targets if not isinstance(t, str))
     return node.op == "call_method" and node.target in targets
 
 
@@ -178,16 +202,136 @@ def _bind_einsum(node: fx.Node) -> dict:
     return {"equation": equation, "a": a, "b": b, "num_operands": len(operands)}
 
 
+# ---- a mixture of experts' GEMMs: each expert's weight is a matrix of a 3-D tensor [experts, ., .] ----
+
+_GATHERS = (operator.getitem, aten.index.Tensor)
+
+
+def _integer(value: torch.Tensor | None, ndim: int) -> bool:
+    return (value is not None and value.ndim == ndim and not value.is_floating_point()
+            and value.dtype != torch.bool)
+
+
+def gathered_experts(node) -> tuple[fx.Node, fx.Node] | None:
+    """``(experts, ids)`` of ``experts[ids]``: one matrix of a 3-D tensor per token, by integer ids."""
+    if not (isinstance(node, fx.Node) and is_op(node, _GATHERS)) or len(node.args) != 2:
+        return None
+    base, index = node.args
+    index = index[0] if isinstance(index, (list, tuple)) and len(index) == 1 else index
+    base_value = meta_value(base)
+    if base_value is None or base_value.ndim != 3 or not _integer(meta_value(index), 1):
+        return None
+    return base, index
+
+
+def expert_slice(node) -> fx.Node | None:
+    """The 3-D tensor of ``experts[e]`` (``e`` an int or a 0-d integer tensor): one expert's matrix."""
+    if not isinstance(node, fx.Node):
+        return None
+    if is_op(node, (operator.getitem,)) and len(node.args) == 2:
+        base, index = node.args
+    elif is_op(node, (aten.select.int,)) and node.args[1] == 0:
+        base, index = node.args[0], node.args[2]
+    else:
+        return None
+    base_value = meta_value(base)
+    if base_value is None or base_value.ndim != 3:
+        return None
+    return base if isinstance(index, int) or _integer(meta_value(index), 0) else None
+
+
+def _bmm_operands(node: fx.Node) -> tuple:
+    bound = dict(zip(_BMM[1], node.args)) | node.kwargs
+    return bound.get("input"), bound.get("mat2")
+
+
+def _bind_token_bmm(node: fx.Node) -> dict:
+    """``bmm(experts[ids], tokens[..., None])`` (weights ``[E, N, K]``: layout "nk") or
+    ``bmm(tokens[:, None], experts[ids])`` (``[E, K, N]``: "kn"): each token times its expert's weight."""
+    a, b = _bmm_operands(node)
+    gathered = gathered_experts(a)
+    layout, tokens = ("nk", b) if gathered is not None else ("kn", a)
+    experts, ids = gathered if gathered is not None else gathered_experts(b)
+    return {"input": tokens, "weight": experts, "index": ids, "layout": layout}
+
+
+def _is_token_bmm(node: fx.Node) -> bool:
+    a, b = _bmm_operands(node)
+    return (gathered_experts(a) is None) != (gathered_experts(b) is None)
+
+
+def _token_reduction(bound: dict, tokens: torch.Size) -> int:
+    """K of a per-token bmm: tokens come as ``[S, K, 1]`` ("nk") or ``[S, 1, K]`` ("kn")."""
+    return tokens[-2] if bound["layout"] == "nk" else tokens[-1]
+
+
+def _token_bmm_dims(kind: OpKind, shapes: list) -> list[Dims]:
+    tokens, experts = shapes
+    nk = tokens[-1] == 1 and tokens[-2] != 1
+    return [(None, _static(experts[-1] if nk else experts[-2]), _static(experts[-2] if nk else experts[-1]))]
+
+
+def _grouped_unsupported(bound: dict) -> str | None:
+    a, b = meta_value(bound["input"]), meta_value(bound["mat2"])
+    if bound["offs"] is None or a is None or b is None or a.ndim != 2 or b.ndim != 3:
+        return "a grouped GEMM of another layout than tokens [S, K] · experts [E, K, N] with offsets"
+    if bound["bias"] is not None or bound["out_dtype"] is not None:
+        return "a grouped GEMM with a bias or an output dtype"
+    return None
+
+
+def _second_operand_is_expert(node: fx.Node, names: tuple[str, ...]) -> bool:
+    bound = dict(zip(names, node.args)) | node.kwargs
+    return expert_slice(bound.get(names[1])) is not None
+
+
 _MATMUL = ((operator.matmul, torch.matmul, aten.matmul.default, "matmul", "__matmul__"), ("input", "other"))
 _BMM = ((torch.bmm, aten.bmm.default, "bmm"), ("input", "mat2"))
 _SCALED = {"beta": 1, "alpha": 1}
 _PAIR = (_MATMUL, (_BMM[0], ("input", "other")))  # the matmul or bmm of hand-written attention
 
+_LINEAR = ((F.linear, aten.linear.default), ("input", "weight", "bias"))
+_GROUPED = ((torch._grouped_mm, aten._grouped_mm.default, OpName("transformers::grouped_mm_fallback")),
+            ("input", "mat2", "offs", "bias", "out_dtype"))
+_EXPERT_KINDS = (
+    # Tokens sorted by expert, ``offs`` the end of each expert's rows (transformers' "grouped_mm").
+    OpKind(
+        "grouped_mm", "experts", (_GROUPED,), operands=("input", "mat2"),
+        defaults={"offs": None, "bias": None, "out_dtype": None}, replacement=quantized.grouped_mm,
+        arguments=("input", "mat2", "offs"), dims_of=_expert_dims, unsupported_of=_grouped_unsupported,
+    ),
+    # Each token times the weight its expert id gathers (transformers' "batched_mm").
+    OpKind(
+        "token_bmm", "experts", (_BMM,), operands=("input", "weight"), replacement=quantized.token_bmm,
+        arguments=("input", "weight", "index", "layout"), bind_arguments=_bind_token_bmm,
+        accepts=_is_token_bmm, reduction_of=_token_reduction, dims_of=_token_bmm_dims,
+    ),
+    # A batched matmul over an experts axis, ``[E, C, K] · [E, K, N]``, of a 3-D parameter
+    # (capacity-based dispatch): a bmm or matmul whose B is a parameter (sites._mark_experts).
+    OpKind(
+        "expert_bmm", "experts", _PAIR, operands=("input", "other"), replacement=quantized.expert_bmm,
+        arguments=("input", "other"), by_pattern=True, dims_of=_expert_dims,
+    ),
+    # One expert's tokens times its matrix of the 3-D weight (a loop over experts: "eager"), as a
+    # linear (weights [E, N, K]) or a matmul (GPT-OSS's [E, K, N]).
+    OpKind(
+        "expert_linear", "experts", (_LINEAR,), operands=("input", "weight"), defaults={"bias": None},
+        replacement=quantized.linear, arguments=("input", "weight", "bias"), weight_k_axis=-1,
+        dims_of=_expert_dims, accepts=lambda node: _second_operand_is_expert(node, _LINEAR[1]),
+    ),
+    OpKind(
+        "expert_matmul", "experts", (_MATMUL,), operands=("input", "other"), replacement=quantized.product,
+        arguments=("input", "other"), dims_of=_expert_dims,
+        accepts=lambda node: _second_operand_is_expert(node, _MATMUL[1]),
+    ),
+)
+
 KINDS: dict[str, OpKind] = {
     kind.name: kind
     for kind in (
+        *_EXPERT_KINDS,  # first: they are bmms and linears of a particular form
         OpKind(
-            "linear", "matmul", (((F.linear, aten.linear.default), ("input", "weight", "bias")),),
+            "linear", "matmul", (_LINEAR,),
             operands=("input", "weight"), roles=("input", "weight"), defaults={"bias": None},
             replacement=quantized.linear, arguments=("input", "weight", "bias"), weight_k_axis=-1,
             input_times_weight=True,

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from qpass.execution import Execution
+from qpass.execution import Execution, without_hoisted
 from qpass.formats import quantize
 from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.ops.gemm import route
@@ -37,7 +37,6 @@ from qpass.ops.kernels import register_packed_weight
 from qpass.passes.kinds import meta_value
 from qpass.passes.plan import ProductPlan, SitePlan
 from qpass.passes.quantize import recompiled, replace_node
-from qpass.quantized import without_hoisted
 from qpass.quantizer import Quantizer
 
 KERNEL_CHOICES = ("auto", "triton", "interpret", "reference")
@@ -122,8 +121,9 @@ def _gemm_routes(plan: SitePlan, target: Target) -> str:
     if plan.lowering == PACKED:
         return f"packed_linear ({plan.backend})"
     device = "cuda" if target.on_cuda else "cpu"
-    batched = any(meta_value(node).ndim > 2 for node in plan.site.operands[1:]
-                  if isinstance(meta_value(node), torch.Tensor))
+    experts = plan.site.op.family == "experts"  # 3-D weights, but each expert's GEMM is 2-D
+    batched = not experts and any(meta_value(node).ndim > 2 for node in plan.site.operands[1:]
+                                  if isinstance(meta_value(node), torch.Tensor))
     described = []
     for product, name in zip(plan.products, plan.site.op.product_names):
         q, _, op_config = without_hoisted(product.config)
@@ -135,7 +135,7 @@ def _gemm_routes(plan: SitePlan, target: Target) -> str:
             routes = {"fprop": route(inner.a, inner.b, device, batched),
                       grad_a: route(inner.da_grad, inner.da_b, device, batched),
                       grad_b: route(inner.db_a, inner.db_grad, device, batched)}
-        prefix = f"{name}: " if name else ""
+        prefix = f"{name}: " if name else ("per expert: " if experts else "")
         if len(set(routes.values())) == 1:
             described.append(prefix + next(iter(routes.values())))
         else:
@@ -202,14 +202,24 @@ def plan_lowering(
         )
     planned = []
     for plan in plans:
-        if plan.excluded is None and new_state is not None:
+        experts = plan.site.op.family == "experts"
+        if plan.excluded is None and new_state is not None and experts:
+            # A history per step records one amax: an expert's tokens vary with routing, and the op
+            # quantizes expert by expert (qpass.ops.grouped), so its per-tensor scales stay current.
+            plan = plan.noted("delayed scaling: expert GEMMs scale by the current amax of each expert's "
+                              "operands (no per-expert amax histories)")
+        elif plan.excluded is None and new_state is not None:
             names = plan.site.op.product_names
             products = [replace(p, execution=_states(p, plan.name, f"{n}." if n else "", new_state))
                         for p, n in zip(plan.products, names)]
             plan = plan.with_products(products)
         if plan.excluded is None:
             plan = plan.with_products([_saving(p) for p in plan.products])
-            if target.sync_amax:
+            if target.sync_amax and experts:
+                # Ranks route different tokens to an expert, and an eager loop visits only the experts
+                # that have tokens: one all-reduce per expert would not line up across ranks.
+                plan = plan.noted("sync_amax: each expert's per-tensor amaxes are this rank's own")
+            elif target.sync_amax:
                 plan = plan.with_products([_synced(p) for p in plan.products])
             plan = _lowered(plan, parameters, target) if target.lowers else replace(plan, backend="reference")
             plan = replace(plan, gemms=_gemm_routes(plan, target))

@@ -17,11 +17,10 @@ import warnings
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
-from qpass.execution import REFERENCE, Execution
+from qpass.execution import REFERENCE, Execution, ProductConfig
 from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.passes.kinds import Dims, meta_value
 from qpass.passes.sites import Site
-from qpass.quantized import ProductConfig
 from qpass.recipes import Recipe
 from qpass.rotation import resolve
 

@@ -153,7 +153,8 @@ def find_stream(plans: list[SitePlan], parameters) -> tuple[Stream | None, str |
     """The graph's residual stream, or why there is none that can be rotated."""
     by_node = {plan.site.node: plan.site for plan in plans}
     # Linears with a parameter weight [N, K]: what a rotation folds into.
-    linears = {n: s for n, s in by_node.items() if s.op.weight_k_axis == -1 and s.weights[1] is not None}
+    linears = {n: s for n, s in by_node.items()
+               if s.op.family == "matmul" and s.op.weight_k_axis == -1 and s.weights[1] is not None}
     stream = Stream(
         embeddings=[s for s in by_node.values() if s.op.family == "embedding" and s.weights[0] is not None])
     if not stream.embeddings:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qpass.passes.kinds import KINDS, OpKind, is_op, meta_value, op_kind
+from qpass.passes.kinds import KINDS, OpKind, expert_slice, is_op, meta_value, op_kind
 
 aten = torch.ops.aten
 
@@ -72,6 +72,7 @@ class Site:
     unsupported: str | None = None  # why this site cannot be rewritten, if it cannot
     traits: frozenset[str] = frozenset()  # "output_projection", "router", "integer"
     weights: tuple[fx.Node | None, ...] = ()  # the parameter behind each operand, if any
+    parameter: str = ""  # the path in the model of its (last) parameter operand; an expert site's name
 
     @property
     def op(self) -> OpKind:
@@ -86,6 +87,9 @@ def source_parameter(node, parameters: dict[fx.Node, torch.Tensor]) -> fx.Node |
     while isinstance(node, fx.Node):
         if node in parameters:
             return node
+        if expert_slice(node) is not None:  # one expert's matrix of a 3-D weight
+            node = node.args[0]
+            continue
         if not (is_op(node, VIEWS) or _is_transpose_attribute(node)) or not node.args:
             return None
         node = node.args[0]
@@ -160,6 +164,18 @@ def _mark_attention(graph: fx.Graph, sites: dict[fx.Node, Site]) -> None:
             sites[node] = replace(sites[node], kind=kind.name, roles=kind.roles)
 
 
+def _mark_experts(sites: dict[fx.Node, Site], parameters: dict[fx.Node, torch.Tensor]) -> None:
+    """A batched matmul of a 3-D parameter ``[E, K, N]`` and activations ``[E, C, K]``: a matrix per
+    expert, each expert's tokens its own (capacity-based dispatch), so each expert quantized on its own."""
+    kind = KINDS["expert_bmm"]
+    for node, site in sites.items():
+        weight = site.weights[-1] if site.kind in ("bmm", "matmul") and site.weights else None
+        a = meta_value(site.operands[0])
+        if (weight is not None and site.roles == ("input", "weight") and parameters[weight].ndim == 3
+                and a is not None and a.ndim == 3 and kind.signature(node) is not None):
+            sites[node] = replace(site, kind=kind.name)
+
+
 def _out_features(site: Site) -> int | None:
     weight = meta_value(site.operands[site.roles.index("weight")])
     if weight is None or weight.ndim != 2:
@@ -230,21 +246,23 @@ class ModelContext:
     owners: Mapping[int, str] = field(default_factory=dict)
     embedding_weights: tuple[torch.Tensor, ...] = ()
     output_projection: str | None = None
+    parameters: Mapping[int, str] = field(default_factory=dict)  # a parameter's id -> its unwrapped path
 
     @staticmethod
     def of(model: nn.Module) -> ModelContext:
-        paths, raw, owners = {}, {}, {}
+        paths, raw, owners, parameters = {}, {}, {}, {}
         for name, module in model.named_modules(remove_duplicate=False):
             key = str(id(module))
             raw.setdefault(key, name)
             paths.setdefault(key, ".".join(_unwrapped(model, name.split(".")) if name else []))
-            for parameter in module.parameters(recurse=False):
+            for attribute, parameter in module.named_parameters(recurse=False):
                 owners.setdefault(id(parameter), paths[key])
+                parameters.setdefault(id(parameter), f"{paths[key]}.{attribute}" if paths[key] else attribute)
         embeddings = tuple(m.weight for m in model.modules() if isinstance(m, nn.Embedding))
         outermost = next((m for m in model.modules() if hasattr(m, "get_output_embeddings")), None)
         head = None if outermost is None else outermost.get_output_embeddings()
         return ModelContext(paths, raw, owners, embeddings,
-                            None if head is None else paths.get(str(id(head))))
+                            None if head is None else paths.get(str(id(head))), parameters)
 
     def unwrapped(self, raw_path: str) -> str | None:
         """The path without wrappers of the module that ``named_modules`` calls ``raw_path``."""
@@ -283,10 +301,15 @@ def module_path(node: fx.Node, context: ModelContext = ModelContext()) -> str:
 
 
 def _names(sites: list[Site]) -> list[str]:
-    per_module = Counter(s.module for s in sites)
+    per_module = Counter(s.module for s in sites if not (s.op.family == "experts" and s.parameter))
     seen: dict[tuple[str, str], int] = defaultdict(int)
     names = []
     for site in sites:
+        if site.op.family == "experts" and site.parameter:  # by its weight; a second GEMM of it: a suffix
+            index = seen[site.parameter, site.kind]
+            seen[site.parameter, site.kind] += 1
+            names.append(site.parameter if index == 0 else f"{site.parameter}_{index}")
+            continue
         if per_module[site.module] == 1 and site.module and site.op.family != "attention":
             names.append(site.module)
             continue
@@ -311,9 +334,11 @@ def _found(
     if not node.meta.get("nn_module_stack"):  # the frame's own module's op, or the root's: by its weight
         module = next((owner for w in weights if w is not None
                        and (owner := context.owners.get(id(parameters[w]))) is not None), module)
+    weight = next((w for w in reversed(weights) if w is not None), None)
     return Site(
         name="", kind=kind.name, node=node, operands=operands, roles=roles, module=module,
         reduction=kind.reduction(node) if why is None else None, unsupported=why, weights=weights,
+        parameter="" if weight is None else context.parameters.get(id(parameters[weight]), ""),
     )
 
 
@@ -329,6 +354,7 @@ def find_sites(
     sites = {node: _found(node, kind, parameters, context)
              for node in graph.nodes if (kind := op_kind(node)) is not None}
     _mark_attention(graph, sites)
+    _mark_experts(sites, parameters)
     ordered = list(sites.values())
     matmuls = [s for s in ordered if s.op.family == "matmul"]
     vocabulary = _Vocabulary.of([s for s in ordered if s.op.family == "embedding"], context)

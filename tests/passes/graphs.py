@@ -9,13 +9,14 @@ from qpass.capture import dynamo_parameters
 
 
 class Wrap(torch.nn.Module):
-    """``fn(self, x)`` as a module with a 64x64 weight ``w``, a sub-``linear`` and an embedding
-    ``table`` (unused parameters do not reach the graph)."""
+    """``fn(self, x)`` as a module with a 64x64 weight ``w``, 4 experts' 64x64 weights ``experts``, a
+    sub-``linear`` and an embedding ``table`` (unused parameters do not reach the graph)."""
 
     def __init__(self, fn):
         super().__init__()
         self.fn = fn
         self.w = torch.nn.Parameter(torch.randn(64, 64))
+        self.experts = torch.nn.Parameter(torch.randn(4, 64, 64))
         self.linear = torch.nn.Linear(64, 64)
         self.table = torch.nn.Embedding(16, 64)
 

@@ -29,12 +29,21 @@ EXAMPLES = {
     "attention_qk": (attention, ("q", "k")),
     "attention_pv": (attention, ("p", "v")),
     "embedding": (lambda m, x: m.table(x[0, :, 0].long().abs() % 16), ("weight",)),
+    # 8 tokens sorted by expert, 2 each (torch._grouped_mm takes bf16 only under Dynamo)
+    "grouped_mm": (lambda m, x: torch._grouped_mm(x[0].bfloat16(), m.experts.bfloat16(),
+                                                  offs=torch.tensor([2, 4, 6, 8], dtype=torch.int32)),
+                   ("input", "weight")),
+    "token_bmm": (lambda m, x: torch.bmm(m.experts[(x[0, :, 0] > 0).long()], x[0].unsqueeze(-1)),
+                  ("input", "weight")),
+    "expert_linear": (lambda m, x: F.linear(x, m.experts[1]), ("input", "weight")),
+    "expert_matmul": (lambda m, x: x @ m.experts[2], ("input", "weight")),
+    "expert_bmm": (lambda m, x: torch.bmm(x.reshape(4, 4, 64), m.experts), ("input", "weight")),
 }
 
 
 def test_every_kind_has_an_example():
     assert set(EXAMPLES) == set(KINDS)
-    assert {kind.family for kind in KINDS.values()} == {"matmul", "attention", "embedding"}
+    assert {kind.family for kind in KINDS.values()} == {"matmul", "experts", "attention", "embedding"}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -152,3 +152,31 @@ def test_a_graph_without_matmuls_has_no_sites():
 def test_batched_dot_product_einsum_is_a_matmul():
     (site,) = sites_of(lambda m, x: torch.einsum("bij,bij->bi", x, x))
     assert site.unsupported is None and site.reduction == 64
+
+
+class _Experts(nn.Module):
+    """Capacity-style experts (each expert's tokens a row of [E, C, K]), or a loop over the experts."""
+
+    def __init__(self, loop: bool):
+        super().__init__()
+        self.loop = loop
+        self.w1 = nn.Parameter(torch.randn(4, 64, 96))  # [E, K, N]
+        self.w2 = nn.Parameter(torch.randn(4, 96, 64))
+
+    def forward(self, x):
+        if self.loop:  # a static loop: Dynamo unrolls it, one expert_linear per expert ([E, N, K] weights)
+            return torch.stack([F.linear(x[e], self.w2[e]) for e in range(4)])
+        return torch.bmm(torch.relu(torch.bmm(x, self.w1)), self.w2)
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_expert_sites_are_named_by_their_weight(loop):
+    from qpass.passes import ModelContext
+
+    layer = nn.Sequential(_Experts(loop))
+    gm, parameters, _ = capture(layer, torch.randn(4, 6, 64))
+    found = [(s.name, s.kind, s.reduction) for s in find_sites(gm.graph, parameters, ModelContext.of(layer))]
+    if loop:
+        assert found == [(name, "expert_linear", 64) for name in ("0.w2", "0.w2_1", "0.w2_2", "0.w2_3")]
+    else:
+        assert found == [("0.w1", "expert_bmm", 64), ("0.w2", "expert_bmm", 96)]
