@@ -46,6 +46,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/onnx_cpu.py
 	$(BENCH_VENV)/bin/python bench/onnx_agreement.py
 	$(BENCH_VENV)/bin/python bench/distributed_cpu.py
+	$(BENCH_VENV)/bin/python bench/moe_cpu.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .hypothesis

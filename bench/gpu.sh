@@ -140,6 +140,134 @@ PY=$( (setup_python && { echo "$PYTHONPATH"; echo "$EXCLUDED_S"; } >"$ENV_FILE")
 export PYTHONPATH
 say "python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null))"
 
+# MoE row: qpass's expert grouped GEMM (a qpass-compiled `torch._grouped_mm` of a 3-D weight becomes
+# torch.ops.qpass.grouped_matmul) against bf16 torch._grouped_mm at E 8, 8192 tokens, K 4096, N 3584,
+# forward and forward + backward; written to bench/RESULTS.md (section moe-gpu) unless --no-write.
+# Guarded: only on a GPU (--dry-run: once on the CPU at tiny shapes, no figures), at most 90 s taken
+# from the limit before the kernels' deadline is set; a variant that fails shows its error in its cell.
+if has_gpu || [ "$DRY_RUN" = 1 ]; then
+    MOE_WRITE=1
+    for arg in "${BENCH_ARGS[@]}"; do [ "$arg" = --no-write ] && MOE_WRITE=0; done
+    QPASS_MOE_DRY=$DRY_RUN QPASS_MOE_WRITE=$MOE_WRITE timeout -k 5 90 "$PY" - <<'EOF' || say "the MoE grouped GEMM row stopped (status $?)"
+import os
+import statistics
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, "bench")
+from results import write_section
+
+import qpass
+
+DRY = os.environ.get("QPASS_MOE_DRY") == "1"  # once on the CPU at tiny shapes: tries the code, no figures
+DEVICE = "cpu" if DRY else "cuda"
+E, S, K, N = (2, 64, 64, 32) if DRY else (8, 8192, 4096, 3584)  # Mixtral-like up projection, N = 14336 / 4
+RECIPES = ("fp8-train", "mxfp8-train")
+warnings.simplefilter("ignore")
+
+
+class Experts(torch.nn.Module):
+    """``torch._grouped_mm(x, W.mT, offs)`` of a 3-D weight ``W [E, N, K]``, as transformers' experts
+    run it."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone())
+
+    def forward(self, x, offs):
+        return torch._grouped_mm(x, self.weight.mT, offs=offs)
+
+
+def ms(fn, warmup=3, steps=10):
+    """Median of CUDA-event timings of ``fn`` after ``warmup`` calls; in a dry run, one call and no figure."""
+    fn()
+    if DRY:
+        return None
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [tuple(torch.cuda.Event(enable_timing=True) for _ in "se") for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def cells(model, x, offs, grad):
+    def forward():  # the training forward: what the step's forward runs
+        model(x, offs)
+
+    def train():
+        model.weight.grad = x.grad = None
+        model(x, offs).backward(grad)
+
+    return ms(forward), ms(train)
+
+
+torch.manual_seed(0)
+x = torch.randn(S, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+weight = torch.randn(E, N, K, device=DEVICE, dtype=torch.bfloat16) / K**0.5
+grad = torch.randn(S, N, device=DEVICE, dtype=torch.bfloat16)
+offs = torch.arange(1, E + 1, device=DEVICE, dtype=torch.int32) * (S // E)  # tokens spread evenly
+bf16 = Experts(weight)
+reference = bf16(x, offs).detach().float()
+results = {"bf16 torch._grouped_mm": cells(bf16, x, offs, grad)}
+notes = []
+for recipe in RECIPES:
+    name = f"qpass {recipe}"
+    try:
+        model = qpass.compile(Experts(weight), recipe, backend="aot_eager")
+        y = model(x, offs).detach().float()
+        sites = [r for r in qpass.report(model).rows if r["kind"] == "grouped_mm" and r["quantized"]]
+        error = ((y - reference).norm() / reference.norm()).item()
+        notes.append(f"{name}: {len(sites)} grouped_mm site quantized, output {error:.4f} from bf16's "
+                     "(relative error)")
+        results[name] = cells(model, x, offs, grad)
+    except Exception as e:  # noqa: BLE001 -- the row shows it, the others go on
+        results[name] = f"error: {type(e).__name__}: {' '.join(str(e).split())[:150]}"
+
+base = results["bf16 torch._grouped_mm"]
+
+
+def cell(name, i):
+    value = results[name]
+    if isinstance(value, str):
+        return value
+    if value[i] is None:
+        return "dry run: ran once on the CPU"
+    speedup = "" if name.startswith("bf16") else f" ({base[i] / value[i]:.2f}x bf16)"
+    return f"{value[i]:.3f}{speedup}"
+
+
+names = list(results)
+rows = ["| grouped GEMM | " + " | ".join(f"{n} ms" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+rows += [f"| {what} | " + " | ".join(cell(n, i) for n in names) + " |"
+         for i, what in enumerate(("forward", "forward + backward"))]
+machine = (f"{torch.cuda.get_device_name() if not DRY else 'CPU (dry run)'}, torch {torch.__version__}; "
+           f"E {E} experts, {S} tokens spread evenly, K {K}, N {N}, bf16")
+body = "\n".join([
+    f"{machine}.",
+    "Reproduce: `bash bench/gpu.sh`. A 3-D weight's `torch._grouped_mm(x, W.mT, offs)` in bf16, against",
+    "the same module under `qpass.compile(..., backend=\"aot_eager\")`, whose site becomes",
+    "`torch.ops.qpass.grouped_matmul` (a scaled GEMM per expert). Median of 10 CUDA-event timings.",
+    "",
+    *rows,
+    "",
+    *(f"- {note}." for note in notes),
+    "",
+])
+print(body)
+if not DRY and os.environ.get("QPASS_MOE_WRITE", "1") == "1":
+    write_section("moe-gpu", "Expert grouped GEMM on the GPU (bench/gpu.sh)", body)
+EOF
+else
+    say "no GPU: the MoE grouped GEMM row is skipped (--dry-run tries it on the CPU)"
+fi
+
 # What is left of the limit is the benchmark's: its own deadline, 20 s short of the limit, leaves
 # time to write the results; `timeout` stops it at the limit should a measurement not let go.
 LEFT=$((LIMIT_S + EXCLUDED_S - (SECONDS - START)))
