@@ -150,13 +150,13 @@ if has_gpu || [ "$DRY_RUN" = 1 ]; then
     for arg in "${BENCH_ARGS[@]}"; do [ "$arg" = --no-write ] && MOE_WRITE=0; done
     QPASS_MOE_DRY=$DRY_RUN QPASS_MOE_WRITE=$MOE_WRITE timeout -k 5 90 "$PY" - <<'EOF' || say "the MoE grouped GEMM row stopped (status $?)"
 import os
-import statistics
 import sys
 import warnings
 
 import torch
 
 sys.path.insert(0, "bench")
+from kernels_gpu import steps_ms
 from results import write_section
 
 import qpass
@@ -180,21 +180,12 @@ class Experts(torch.nn.Module):
         return torch._grouped_mm(x, self.weight.mT, offs=offs)
 
 
-def ms(fn, warmup=3, steps=10):
-    """Median of CUDA-event timings of ``fn`` after ``warmup`` calls; in a dry run, one call and no figure."""
-    fn()
+def ms(fn):
+    """CUDA-event median of ``fn`` (kernels_gpu's timer of whole steps); in a dry run, one call, no figure."""
     if DRY:
+        fn()
         return None
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [tuple(torch.cuda.Event(enable_timing=True) for _ in "se") for _ in range(steps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return steps_ms(fn)
 
 
 def cells(model, x, offs, grad):

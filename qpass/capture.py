@@ -312,12 +312,16 @@ class ExpertsCall:
     @torch._dynamo.disable
     def __call__(self, *args, **kwargs):
         module = self._module()
-        _CALLS.eager.append([])  # run eagerly by design, its GEMMs quantized: no module to warn about
+        _CALLS.eager.append([])
         try:
             with ExpertGemms(expert_weights(module), self._gemm):
                 return module._call_impl(*args, **kwargs)
         finally:
-            _CALLS.eager.pop()
+            # The experts run eagerly by design, their GEMMs quantized; a module inside them that ran
+            # eagerly too is still reported.
+            ran = _CALLS.eager.pop()
+            if _CALLS.eager:
+                _CALLS.eager[-1] += [name for name in ran if name != self._path]
 
     def _gemm(self, kind: str, attribute: str, x: torch.Tensor, bias: torch.Tensor | None) -> ExpertGemm:
         """The quantized graph of this GEMM, captured at its first call (and for each dtype, and with

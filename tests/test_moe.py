@@ -328,12 +328,10 @@ def _qsnrs(architecture, recipe, implementation="grouped_mm"):
 
 # The dense models' derivation (tests/test_models.py) for the expert GEMMs alone, of one layer: its
 # gate_up and down projections are 2 quantized GEMMs in series, 2 stages in the forward (-3 dB, where
-# the dense models' 8 cost -9 dB) and 4 in the backward (-6 dB). Routing is not continuous: an error
-# that moves a token's router logits across the top-k boundary sends it to another expert, an error no
-# format bounds. With attention quantized too (2 layers), 2-3 of GPT-OSS's 64 tokens change experts per
-# layer under the 8-bit recipes and its logits fall 1 dB below the dense floors (18.8 against 19.6 dB,
-# fp8-infer), while its expert GEMMs alone give 30.2 dB: quantizing the first router's input is what
-# costs.
+# the dense models' 8 cost -9 dB) and 4 in the backward (-6 dB). Attention stays unquantized: routing
+# is not continuous, and an error that moves a token's router logits across the top-k boundary sends
+# it to another expert, an error no format bounds (with attention quantized, GPT-OSS's logits fall
+# below the dense floors under the 8-bit recipes while its expert GEMMs alone stay far above them).
 FORWARD_STAGES_DB = 10 * math.log10(2)
 BACKWARD_STAGES_DB = 10 * math.log10(2 * 2)
 
