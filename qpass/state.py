@@ -92,6 +92,8 @@ class QpassState:
         self.unrecognized: dict[str, str] = {}  # module -> why its weights are no site's (qpass.experts)
         self.calibration: dict[str, torch.Tensor] = {}  # site -> per-channel input max (qpass.calibrate)
         self.observe = None  # set while calibrating: graphs report their inputs instead of quantizing
+        self.calibrated: dict[str, str] = {}  # site -> what calibration did to its weight (GPTQ), for report
+        self.smoothing: dict[str, list[float]] = {}  # site -> SmoothQuant's scales (qpass.calibrate)
         self.matched_globs: set[str] = set()  # rule and exclude globs that matched a site
         self.graphs_captured = 0
         self.checked = False  # the first call's checks ran
@@ -132,6 +134,8 @@ class QpassState:
     def record(self, plans, notes: list[str]) -> None:
         """Keep the plans of one captured graph (a recompiled graph's sites replace their old plans)."""
         self.graphs_captured += 1
+        plans = [plan.noted(self.calibrated[plan.name]) if plan.name in self.calibrated else plan
+                 for plan in plans]
         self.plans.update((plan.name, plan) for plan in plans)
         self.notes += [note for note in notes if note not in self.notes]
 

@@ -124,7 +124,7 @@ EXPECTED_FORMATS = {
     "mxfp8-train": _train("mxfp8_e4m3(rceil)"),
     "mxfp6-train": _train("mxfp6_e3m2"),
     "fp8-infer": _infer("fp8_e4m3(channel)"),
-    "mxfp8-infer": _infer("mxfp8_e4m3"),
+    "mxfp8-infer": _infer("mxfp8_e4m3(rceil)+hadamard-block32"),
     "mxfp6-infer": _infer("mxfp6_e2m3"),
     "mxfp4-infer": _infer("mxfp4+hadamard-block32"),
     "nvfp4-infer": _infer("nvfp4"),

@@ -10,6 +10,8 @@ QUANTIZERS = [
     Quantizer("fp8_e5m2", granularity=("block", 16), pow2=True),
     Quantizer("mxfp4", scale_mode="rceil", rounding="stochastic"),
     Quantizer("nvfp4", rounding="away"),
+    Quantizer("nvfp4", scale_mode="4over6"),
+    Quantizer("nvfp4", granularity=("tile", 16), scale_mode="4over6", rounding="stochastic"),
 ]
 
 
@@ -26,7 +28,8 @@ def test_applies_fake_quantize_with_its_options():
 
 def test_names():
     assert [str(q) for q in QUANTIZERS] == [
-        "fp8_e4m3", "fp8_e5m2(block16, pow2)", "mxfp4(rceil, stochastic)", "nvfp4(away)"
+        "fp8_e4m3", "fp8_e5m2(block16, pow2)", "mxfp4(rceil, stochastic)", "nvfp4(away)", "nvfp4(4over6)",
+        "nvfp4(16x16, 4over6, stochastic)",
     ]
 
 

@@ -60,6 +60,53 @@ def test_scale_mode_leaves_non_mx_quantizers_alone():
     assert recipe.input.scale_mode == "even" and recipe.weight.scale_mode is None
 
 
+def test_scale_mode_4over6_goes_to_the_nvfp4_quantizers():
+    recipe = get_recipe("nvfp4-infer").with_overrides(scale_mode="4over6")
+    assert str(recipe.input) == str(recipe.weight) == "nvfp4(4over6)"
+    train = get_recipe("nvfp4-train").with_overrides(scale_mode="4over6")
+    assert [str(q) for q in (train.input, train.weight, train.grad_output)] == [
+        "nvfp4(4over6)", "nvfp4(16x16, 4over6)", "nvfp4(4over6, stochastic)"]
+    # Each family gets its own modes: an MX mode leaves nvfp4 alone and 4over6 leaves MX alone.
+    mixed = get_recipe("nvfp4-infer").with_overrides(input="mxfp8_e4m3", scale_mode="rceil")
+    assert (mixed.input.scale_mode, mixed.weight.scale_mode) == ("rceil", None)
+    mx = get_recipe("mxfp8-infer")
+    mixed = mx.with_overrides(weight="nvfp4", scale_mode="4over6")
+    assert (mixed.input, mixed.weight.scale_mode) == (mx.input, "4over6")
+    ruled = get_recipe("nvfp4-infer").with_overrides(rules=[("mlp.*", {"scale_mode": "4over6"})])
+    assert ruled.input.scale_mode is None  # the rule's site gets it when planned
+
+
+@pytest.mark.parametrize("recipe, mode, message", [
+    ("fp8-train", "4over6", r"scale_mode='4over6' applies to nvfp4; recipe 'fp8-train' has none"),
+    ("mxfp8-train", "4over6", r"applies to nvfp4; recipe 'mxfp8-train' has none"),
+    ("nvfp4-infer", "rceil", r"scale_mode='rceil' applies to MX formats; recipe 'nvfp4-infer' has none"),
+    ("nvfp4-infer", "4/6", r"unknown scale_mode '4/6'"),
+    ("mxfp4-train", "six", r"unknown scale_mode 'six'"),
+])
+def test_bad_scale_modes_list_the_accepted_ones_per_family(recipe, mode, message):
+    with pytest.raises(ValueError, match=message) as info:
+        get_recipe(recipe).with_overrides(scale_mode=mode)
+    assert "floor, ceil, even, rceil for the MX formats" in str(info.value)
+    assert "4over6 for nvfp4" in str(info.value)
+    with pytest.raises(ValueError, match=message):  # in a rule too, when the recipe is built
+        get_recipe(recipe).with_overrides(rules=[("*", {"scale_mode": mode})])
+
+
+def test_compile_applies_4over6_to_nvfp4_quantizers():
+    torch = pytest.importorskip("torch")
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    qm = qpass.compile(linear, "nvfp4-infer", backend="aot_eager", scale_mode="4over6")
+    with torch.no_grad():
+        y = qm(x)
+    formats = qpass.report(qm)["linear"]["formats"]
+    assert formats["fprop.input"] == formats["fprop.weight"] == "nvfp4(4over6)"
+    q = Quantizer("nvfp4", scale_mode="4over6")
+    expected = torch.nn.functional.linear(q(x, -1), q(linear.weight.detach(), -1), linear.bias.detach())
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(q(x, -1), Quantizer("nvfp4")(x, -1))
+
+
 def test_delayed_scaling_settings():
     recipe = get_recipe("fp8-train").with_overrides(scaling="delayed", history_len=32, margin=1)
     assert (recipe.scaling, recipe.history_len, recipe.margin) == ("delayed", 32, 1)

@@ -161,8 +161,8 @@ def test_a_rule_changes_one_site_rotation():
     qm = qpass.compile(lin, "mxfp8-infer", backend="aot_eager", rules=[("2", {"hadamard": "block64"})])
     qm(torch.randn(4, 64))
     report = qpass.report(qm)
-    assert report["0"]["formats"]["fprop.input"] == "mxfp8_e4m3"
-    assert report["2"]["formats"]["fprop.input"] == "mxfp8_e4m3+hadamard-block64"
+    assert report["0"]["formats"]["fprop.input"] == "mxfp8_e4m3(rceil)+hadamard-block32"  # the recipe's
+    assert report["2"]["formats"]["fprop.input"] == "mxfp8_e4m3(rceil)+hadamard-block64"
 
 
 def test_an_unknown_full_size_warns_naming_the_site_and_stays_exact():
@@ -172,5 +172,5 @@ def test_an_unknown_full_size_warns_naming_the_site_and_stays_exact():
     with pytest.warns(UserWarning,
                       match="site '0': fprop: no full-size Hadamard of size 944 is known: using 16-point"):
         y = qm(x)
-    assert qpass.report(qm)["0"]["formats"]["fprop.weight"] == "mxfp8_e4m3+hadamard-block16"
+    assert qpass.report(qm)["0"]["formats"]["fprop.weight"] == "mxfp8_e4m3(rceil)+hadamard-block16"
     assert qpass.qsnr(layer(x), y) > 25

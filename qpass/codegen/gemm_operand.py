@@ -12,8 +12,8 @@ amaxes from the tile itself, which spans whole blocks both ways).
 
 Formats: absmax scaling per tensor, per channel (row) or in power-of-two blocks, for every element
 format (fp8 codes come back in their torch float8 dtype, the others as uint8, fp4 packed); every MX
-format and scale mode; NVFP4 in 1x16 blocks. Rounding is RNE. Anything else raises a
-NotImplementedError that names it.
+format and scale mode; NVFP4 in 1x16 blocks, with either block-scale rule. Rounding is RNE.
+Anything else raises a NotImplementedError that names it.
 """
 
 from __future__ import annotations
@@ -90,8 +90,11 @@ def _quantize_rows(
         stored = nm.e8m0_codes(amax, EMAX, MBITS, MAX_NORMAL, SCALE_MODE)
         encode = nm.e8m0_value(stored, True)
     else:
-        g = nm.nvfp4_global_scale(nm.filled(amax, tensor_amax))
-        s_b = nm.nvfp4_block_scale(amax, g)
+        g = nm.nvfp4_global_scale(nm.filled(amax, tensor_amax), SCALE_MODE)
+        if SCALE_MODE == nm.FOUR_OVER_SIX:
+            s_b = nm.nvfp4_four_over_six_scale(x, amax, g, ROWS, GROUPS, False)
+        else:
+            s_b = nm.nvfp4_block_scale(amax, g)
         encode = nm.nvfp4_element_encode(g, s_b)
         stored = nm.encode_element(s_b, 4, 3, -6, False, True, False)  # E4M3 bits
     scaled = tl.reshape(tl.reshape(x, (ROWS, GROUPS, COLS // GROUPS)) * encode[:, :, None], (ROWS, COLS))
@@ -272,7 +275,8 @@ def quantize_for_gemm(
         TRANSPOSED=transposed, **{name: getattr(spec, name) for name in CONSTEXPRS},
         BLOCK_R=block, BLOCK_L=block,
     )
-    g = nvfp4.global_scale(amaxes[0].view(torch.float32).reshape(())) if spec.SCALING == NVFP4 else None
+    g = (nvfp4.global_scale(amaxes[0].view(torch.float32).reshape(()), quantizer.spec.scale_mode)
+         if spec.SCALING == NVFP4 else None)
     operand = _operand(codes, scales, g, quantizer, spec, list(moved.shape), swizzle)
     if not transposed:
         return operand

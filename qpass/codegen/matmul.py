@@ -181,11 +181,11 @@ def _activation_inner(values, decode, stored, SCALING: tl.constexpr, GRANULARITY
 
 @triton.jit
 def _activation_outer(amax_ptr, b, rows, R, MAX_NORMAL: tl.constexpr, SCALING: tl.constexpr,
-                      GRANULARITY: tl.constexpr, POW2: tl.constexpr):
+                      GRANULARITY: tl.constexpr, SCALE_MODE: tl.constexpr, POW2: tl.constexpr):
     """The activations' outer factor per row (X_SPLIT): nvfp4's g, or the absmax decode scale of the
     tensor or of the row (as ``_group_scales`` derives them from the amax pre-pass)."""
     if SCALING == NVFP4:
-        outer = nm.nvfp4_global_scale(nm.bits_float(tl.load(amax_ptr + tl.zeros_like(rows))))
+        outer = nm.nvfp4_global_scale(nm.bits_float(tl.load(amax_ptr + tl.zeros_like(rows))), SCALE_MODE)
     else:
         index = b.to(tl.int64) * R + rows if GRANULARITY == CHANNEL else tl.zeros_like(rows)
         encode = nm.absmax_encode(
@@ -315,7 +315,7 @@ def _weight_matmul_kernel(
         acc = acc * tl.load(w_tensor_scale_ptr)
     if X_SPLIT and (X_SCALING == NVFP4 or X_GRANULARITY < BLOCK):
         acc = acc * _activation_outer(
-            amax_ptr, b, rows, R, X_MAX_NORMAL, X_SCALING, X_GRANULARITY, X_POW2
+            amax_ptr, b, rows, R, X_MAX_NORMAL, X_SCALING, X_GRANULARITY, X_SCALE_MODE, X_POW2
         )[:, None]
     if HAS_BIAS:
         acc = acc + nm.to_float32(tl.load(bias_ptr + n, mask=n < N, other=0.0))[None, :]

@@ -30,6 +30,7 @@ ROUNDING_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 RNE = tl.constexpr(0)
 STOCHASTIC = tl.constexpr(1)
 AWAY = tl.constexpr(2)
+FOUR_OVER_SIX = tl.constexpr(4)  # nvfp4's SCALE_MODE for 4over6 (qpass.codegen.spec.SCALE_MODES)
 
 
 @triton.jit
@@ -118,6 +119,16 @@ def floor(x):
 def div_rn(a, b):
     """The correctly rounded fp32 quotient of two tensors (a GPU's ``/`` is approximate)."""
     return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def mul_unfused(a, b):
+    """``a * b`` rounded to fp32 (but for its sign where it is 0), never fused with an add or
+    subtract of it: a GPU compiler contracts ``a * b - c`` into one fma by default (one rounding
+    where the reference, two torch ops, rounds twice). ``fma(a, b, +0)`` is that rounded product
+    (``-0 + 0 = +0``, so no compiler may rewrite it as a plain multiply without a no-signed-zeros
+    flag), and an fma is not contracted further. libdevice's ``mul_rn`` would flush subnormals."""
+    return tl.fma(a, b, tl.zeros_like(a))
 
 
 @triton.jit
@@ -295,20 +306,96 @@ def e8m0_value(codes, RECIPROCAL: tl.constexpr):
 
 
 @triton.jit
-def nvfp4_global_scale(tensor_amax):
-    """:func:`qpass.formats.nvfp4.global_scale`."""
-    g = div_rn(tensor_amax, filled(tensor_amax, 2688.0))
+def nvfp4_global_scale(tensor_amax, SCALE_MODE: tl.constexpr):
+    """:func:`qpass.formats.nvfp4.global_scale`: ``amax / 2688``, or ``/ 1536`` for 4over6."""
+    DIVISOR: tl.constexpr = 1536.0 if SCALE_MODE == FOUR_OVER_SIX else 2688.0
+    g = div_rn(tensor_amax, filled(tensor_amax, DIVISOR))
     g = tl.where(tensor_amax == 0, 1.0, tl.where(g < F32_MIN_SUBNORMAL, F32_MIN_SUBNORMAL, g))
     return tl.where(is_finite(tensor_amax), g, float("nan"))
 
 
 @triton.jit
-def nvfp4_block_scale(block_amax, g):
-    """:func:`qpass.formats.nvfp4.block_scales`: ``s_b``, an exact E4M3 value in fp32."""
-    ratio = div_rn(div_rn(block_amax, filled(block_amax, 6.0)), g + tl.zeros_like(block_amax))
+def _nvfp4_ratio(block_amax, g):
+    """``(block_amax / 6) / g``: the block scale before its clamp and rounding."""
+    return div_rn(div_rn(block_amax, filled(block_amax, 6.0)), g + tl.zeros_like(block_amax))
+
+
+@triton.jit
+def _e4m3_scale(ratio):
+    """``e4m3_rne(clamp(ratio, 2^-6, 448))`` as an exact E4M3 value in fp32."""
     ratio = tl.where(ratio < 0.015625, 0.015625, ratio)
     ratio = tl.where(ratio > 448.0, 448.0, ratio)
     return round_to_element(ratio, 0, 0, RNE, 3, -6, 448.0, False, False)
+
+
+@triton.jit
+def nvfp4_block_scale(block_amax, g):
+    """:func:`qpass.formats.nvfp4.block_scales`: ``s_b``, an exact E4M3 value in fp32."""
+    return _e4m3_scale(_nvfp4_ratio(block_amax, g))
+
+
+@triton.jit
+def _pair_sums(v, ROWS: tl.constexpr, GROUPS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, GROUPS, COLS]`` to ``[ROWS, GROUPS, COLS / 2]``: columns 2j and 2j + 1 summed."""
+    left, right = tl.split(tl.reshape(v, (ROWS, GROUPS, COLS // 2, 2)))
+    return left + right
+
+
+@triton.jit
+def _quad_sums(v, ROWS: tl.constexpr, GROUPS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, GROUPS, COLS]`` to ``[ROWS / 2, GROUPS, COLS / 2]``: each 2x2 square of rows 2i,
+    2i + 1 and columns 2j, 2j + 1 summed ``(top left + bottom right) + (top right + bottom left)``."""
+    left, right = tl.split(tl.reshape(v, (ROWS, GROUPS, COLS // 2, 2)))
+    # Rows 2i and 2i + 1 apart, moved last to split them (a shape must be literal constexprs).
+    top_left, bottom_left = tl.split(
+        tl.permute(tl.reshape(left, (ROWS // 2, 2, GROUPS, COLS // 2)), (0, 2, 3, 1))
+    )
+    top_right, bottom_right = tl.split(
+        tl.permute(tl.reshape(right, (ROWS // 2, 2, GROUPS, COLS // 2)), (0, 2, 3, 1))
+    )
+    return (top_left + bottom_right) + (top_right + bottom_left)
+
+
+@triton.jit
+def _nvfp4_squared_error(blocks, g, s_b, ROWS: tl.constexpr, GROUPS: tl.constexpr, TILES: tl.constexpr):
+    """The squared error of each 16-element block of ``blocks`` ``[ROWS, GROUPS, 16]`` quantized
+    with ``s_b`` ``[ROWS, GROUPS]`` (RNE, dequantized ``q * (s_b * g)``), ``[ROWS, GROUPS]``, summed
+    in :mod:`qpass.formats.nvfp4`'s orders: adjacent pairs; for TILES, the quadtree of each 16x16
+    tile (16 consecutive rows), repeated on its rows."""
+    encode = nvfp4_element_encode(g, s_b)
+    decode = s_b * g
+    values = round_to_element(blocks * encode[:, :, None], 0, 0, RNE, 1, 0, 6.0, False, False)
+    diff = mul_unfused(values, tl.broadcast_to(decode[:, :, None], (ROWS, GROUPS, 16))) - blocks
+    squares = mul_unfused(diff, diff)
+    if TILES:
+        squares = _quad_sums(squares, ROWS, GROUPS, 16)
+        squares = _quad_sums(squares, ROWS // 2, GROUPS, 8)
+        squares = _quad_sums(squares, ROWS // 4, GROUPS, 4)
+        squares = _quad_sums(squares, ROWS // 8, GROUPS, 2)
+        tiles = tl.reshape(squares, (ROWS // 16, GROUPS))
+        error = tl.reshape(tl.broadcast_to(tiles[:, None, :], (ROWS // 16, 16, GROUPS)), (ROWS, GROUPS))
+    else:
+        squares = _pair_sums(squares, ROWS, GROUPS, 16)
+        squares = _pair_sums(squares, ROWS, GROUPS, 8)
+        squares = _pair_sums(squares, ROWS, GROUPS, 4)
+        squares = _pair_sums(squares, ROWS, GROUPS, 2)
+        error = tl.reshape(squares, (ROWS, GROUPS))
+    return error
+
+
+@triton.jit
+def nvfp4_four_over_six_scale(x, block_amax, g, ROWS: tl.constexpr, GROUPS: tl.constexpr,
+                              TILES: tl.constexpr):
+    """:func:`qpass.formats.nvfp4.four_over_six_scales`: the map-to-6 or the map-to-4 ``s_b`` of each
+    block of ``x`` ``[ROWS, GROUPS * 16]`` (``block_amax`` ``[ROWS, GROUPS]``: for TILES, each 16x16
+    tile's, on its 16 rows), whichever gives the smaller squared error (ties: map-to-6)."""
+    ratio = _nvfp4_ratio(block_amax, g)
+    map_to_6 = _e4m3_scale(ratio)
+    map_to_4 = _e4m3_scale(ratio * 1.5)
+    blocks = tl.reshape(x, (ROWS, GROUPS, 16))
+    error_6 = _nvfp4_squared_error(blocks, g, map_to_6, ROWS, GROUPS, TILES)
+    error_4 = _nvfp4_squared_error(blocks, g, map_to_4, ROWS, GROUPS, TILES)
+    return tl.where(error_4 < error_6, map_to_4, map_to_6)
 
 
 @triton.jit

@@ -160,8 +160,12 @@ def _group_scales(x, amax_ptr, b, rows, R, EBITS: tl.constexpr, MBITS: tl.conste
         decode = nm.e8m0_value(codes, False)
         stored = codes
     else:
-        g = nm.nvfp4_global_scale(nm.bits_float(tl.load(amax_ptr + tl.zeros_like(rows))))[:, None]
-        s_b = nm.nvfp4_block_scale(group_amax, g)
+        g = nm.nvfp4_global_scale(nm.bits_float(tl.load(amax_ptr + tl.zeros_like(rows))), SCALE_MODE)[:, None]
+        if SCALE_MODE == nm.FOUR_OVER_SIX:
+            TILES: tl.constexpr = GRANULARITY == TILE
+            s_b = nm.nvfp4_four_over_six_scale(x, group_amax, g, BLOCK_R, GROUPS, TILES)
+        else:
+            s_b = nm.nvfp4_block_scale(group_amax, g)
         encode = nm.nvfp4_element_encode(g, s_b)
         decode = s_b * g
         stored = nm.encode_element(s_b, 4, 3, -6, False, True, False)
@@ -531,12 +535,12 @@ def quantize(
         scales = scales.reshape(())
     tensor_scale = None
     if quantizer.spec.scaling == "nvfp4":
-        tensor_scale = _global_scale(amax)
+        tensor_scale = _global_scale(amax, quantizer.spec.scale_mode)
     return QTensor(codes, scales, quantizer.spec, torch.Size(shape), axis, x.dtype, tensor_scale)
 
 
-def _global_scale(amax_bits: Tensor) -> Tensor:
-    return nvfp4.global_scale(amax_bits.view(torch.float32).reshape(()))
+def _global_scale(amax_bits: Tensor, scale_mode: str | None) -> Tensor:
+    return nvfp4.global_scale(amax_bits.view(torch.float32).reshape(()), scale_mode)
 
 
 def _output(shape: list[int], dtype: torch.dtype, device, axis: int) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -21,7 +21,7 @@ from qpass.rotation import Rotation
 
 SCALINGS = ("absmax", "mx", "nvfp4")
 GRANULARITIES = ("tensor", "channel", "block", "tile")
-SCALE_MODES = ("floor", "ceil", "even", "rceil")
+SCALE_MODES = ("floor", "ceil", "even", "rceil", "4over6")  # MX exponent rules; nvfp4's 4over6 (4)
 ROUNDINGS = ("rne", "stochastic", "away")  # numerics.RNE, STOCHASTIC, AWAY
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -40,7 +40,7 @@ class KernelSpec(JsonTuple):  # JSON: the ``qpass_codegen::`` ops take it as a s
     SCALING: int  # index into SCALINGS
     GRANULARITY: int  # index into GRANULARITIES
     GROUP: int  # elements per scale along the axis (blocks and tiles; 0 otherwise)
-    SCALE_MODE: int  # MX only
+    SCALE_MODE: int  # index into SCALE_MODES: MX's rule, or nvfp4's 4over6 (0 for the default)
     POW2: bool  # absmax only
     ROUNDING: int
     HADAMARD: int  # block size of a fused rotation, 0 for none

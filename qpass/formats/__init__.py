@@ -9,11 +9,12 @@ from qpass.formats.dge import DGE, dge_multiplier
 from qpass.formats.element import ELEMENT_FORMATS, ElementFormat
 from qpass.formats.qtensor import QTensor
 from qpass.formats.rounding import ROUNDING_MODES, round_to_element
-from qpass.formats.spec import NAMED_FORMATS, SCALE_MODES, FormatSpec, resolve_format
+from qpass.formats.spec import NAMED_FORMATS, NVFP4_SCALE_MODES, SCALE_MODES, FormatSpec, resolve_format
 
 __all__ = [
     "ELEMENT_FORMATS",
     "NAMED_FORMATS",
+    "NVFP4_SCALE_MODES",
     "ROUNDING_MODES",
     "SCALE_MODES",
     "DGE",

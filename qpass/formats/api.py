@@ -105,7 +105,8 @@ def quantize(
     """Quantize ``x`` to a named format along ``axis`` (the reduction axis for matmuls).
 
     ``granularity`` ("tensor", "channel" or ("block", k)) and ``pow2`` apply to the fp8/fp6/fp4
-    formats; ``scale_mode`` ("floor", "ceil", "even", "rceil") to the MX formats; ``delayed``, a
+    formats; ``scale_mode`` ("floor", "ceil", "even", "rceil") to the MX formats, and "4over6" to
+    nvfp4 (each block's scale maps its amax to 6 or to 4, whichever errs less); ``delayed``, a
     :class:`DelayedScaling`, takes a per-tensor scale from its amax history.
     nvfp4 takes ``granularity=("tile", 16)``: one block scale per 16x16 tile of the last two dims
     (``axis`` must be one of them; leading dims are batch), stored in the 1x16 layout with each

@@ -47,11 +47,15 @@ def compute_scales(
         codes = mx.e8m0_codes(group_amax(groups, "block"), spec.element, spec.scale_mode)
         return GroupScales(mx.e8m0_encode(codes), mx.e8m0_decode(codes), codes.squeeze(-1))
     if spec.scaling == "nvfp4":
-        g = nvfp4.global_scale(tensor_amax(groups, reduce_amax))
+        g = nvfp4.global_scale(tensor_amax(groups, reduce_amax), spec.scale_mode)
         block_amax = group_amax(groups, "block")
-        if spec.granularity == "tile":
-            block_amax = nvfp4.tile_amax(block_amax, spec.block_size)
-        s_b = nvfp4.block_scales(block_amax, g)
+        tile_rows = spec.block_size if spec.granularity == "tile" else None
+        if tile_rows is not None:
+            block_amax = nvfp4.tile_amax(block_amax, tile_rows)
+        if spec.scale_mode == nvfp4.FOUR_OVER_SIX:
+            s_b = nvfp4.four_over_six_scales(groups, block_amax, g, tile_rows)
+        else:
+            s_b = nvfp4.block_scales(block_amax, g)
         return GroupScales(nvfp4.element_encode(g, s_b), s_b * g, encode(s_b, FP8_E4M3).squeeze(-1), g)
     raise ValueError(f"unknown scaling {spec.scaling!r}")
 

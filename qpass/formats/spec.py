@@ -1,9 +1,11 @@
 """Named formats (SPEC section 5) and the full description of how a tensor is quantized.
 
 A :class:`FormatSpec` is an element format plus its scaling: ``absmax`` scales over a tensor,
-channel or block, OCP MX E8M0 block scales, or NVFP4's two-level scales (per 1x16 block, or per
-16x16 tile of the last two dims: Transformer Engine's weight recipe). :func:`resolve_format` turns
-a user's format name and options into one, and is where bad options are rejected.
+channel or block, OCP MX E8M0 block scales (a ``scale_mode`` picks the exponent rule), or NVFP4's
+two-level scales (per 1x16 block, or per 16x16 tile of the last two dims: Transformer Engine's
+weight recipe; ``scale_mode="4over6"`` picks each block's scale between mapping its amax to 6 and
+to 4). :func:`resolve_format` turns a user's format name and options into one, and is where bad
+options are rejected.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from dataclasses import dataclass, replace
 
 from qpass.formats.element import ELEMENT_FORMATS, FP8_E4M3, ElementFormat
 
-SCALE_MODES = ("floor", "ceil", "even", "rceil")
+SCALE_MODES = ("floor", "ceil", "even", "rceil")  # MX block exponents
+# NVFP4 block-scale rules besides the default (None: the block amax maps to 6): "Four Over Six".
+NVFP4_SCALE_MODES = ("4over6",)
 GRANULARITIES = ("tensor", "channel", "('block', k)")
 MX_BLOCK = 32
 NVFP4_BLOCK = 16
@@ -29,7 +33,7 @@ class FormatSpec:
     scaling: str  # "absmax" | "mx" | "nvfp4"
     granularity: str = "tensor"  # "tensor" | "channel" | "block" | "tile" (nvfp4 only)
     block_size: int | None = None  # block: elements per block; tile: the side of a square tile
-    scale_mode: str | None = None  # MX only
+    scale_mode: str | None = None  # MX: one of SCALE_MODES; nvfp4: None (amax to 6) or "4over6"
     pow2: bool = False  # absmax only: round the encode scale down to a power of two
 
     def padded_length(self, length: int) -> int:
@@ -111,6 +115,26 @@ def _parse_nvfp4_granularity(granularity) -> str:
     return granularity[0]
 
 
+def scale_modes_by_family() -> str:
+    """The accepted ``scale_mode`` values, per family of formats (for error messages)."""
+    return (f"{', '.join(SCALE_MODES)} for the MX formats ({_formats_with('mx')}); "
+            f"{', '.join(NVFP4_SCALE_MODES)} for nvfp4 (default None: the block amax maps to 6)")
+
+
+def _parse_scale_mode(spec: FormatSpec, scale_mode: str) -> str:
+    modes = {"mx": SCALE_MODES, "nvfp4": NVFP4_SCALE_MODES}.get(spec.scaling)
+    if modes is None:
+        raise ValueError(f"scale_mode= applies to the MX formats and nvfp4, not {spec.name}; "
+                         f"accepted: {scale_modes_by_family()}")
+    if scale_mode not in modes:
+        other = scale_mode in SCALE_MODES + NVFP4_SCALE_MODES  # another family's
+        raise ValueError(
+            f"unknown scale_mode {scale_mode!r} for {spec.name}; expected one of {', '.join(modes)}"
+            + (f" (accepted: {scale_modes_by_family()})" if other else "")
+        )
+    return scale_mode
+
+
 def resolve_format(
     format: str | FormatSpec,
     granularity=None,
@@ -137,11 +161,7 @@ def resolve_format(
             kind, block = _parse_granularity(granularity)
             spec = replace(spec, granularity=kind, block_size=block)
     if scale_mode is not None:
-        if spec.scaling != "mx":
-            raise ValueError(f"scale_mode= applies to {_formats_with('mx')}, not {spec.name}")
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(f"unknown scale_mode {scale_mode!r}; expected one of {', '.join(SCALE_MODES)}")
-        spec = replace(spec, scale_mode=scale_mode)
+        spec = replace(spec, scale_mode=_parse_scale_mode(spec, scale_mode))
     if pow2 is not None:
         if spec.scaling != "absmax":
             raise ValueError(f"pow2= applies to {_formats_with('absmax')}, not {spec.name}")

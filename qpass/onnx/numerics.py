@@ -33,9 +33,9 @@ from onnxscript import opset21 as op
 from onnxscript import opset23
 
 from qpass.formats import FormatSpec
-from qpass.formats.element import FP8_E4M3, ElementFormat, code_table
+from qpass.formats.element import FP4_E2M1, FP8_E4M3, ElementFormat, code_table
 from qpass.formats.mx import E8M0_BIAS, E8M0_MAX_EXP, E8M0_MIN_EXP, e8m0_decode
-from qpass.formats.nvfp4 import GLOBAL_DIVISOR
+from qpass.formats.nvfp4 import FOUR_OVER_SIX, MAP_TO_4, global_divisor
 from qpass.hadamard import _inverse_sqrt, _require_decomposition, hadamard_matrix
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
@@ -262,18 +262,48 @@ def mx_scales(amax, fmt: ElementFormat, scale_mode: str) -> Scales:
     return Scales(_non_finite_to_nan(amax, pow2(op.Neg(exponent))), _non_finite_to_nan(amax, pow2(exponent)))
 
 
+def _e4m3_scale(ratio):
+    """``e4m3_rne(clamp(ratio, 2^-6, 448))``, NaN kept."""
+    ratio = keep_nan(ratio, op.Clip(ratio, constant(FP8_E4M3.min_normal), constant(FP8_E4M3.max_normal)))
+    return round_to_element(ratio, FP8_E4M3)
+
+
+def _nvfp4_encode(g, s_b):
+    encode = op.Div(op.Reciprocal(g), s_b)
+    return keep_nan(encode, op.Min(encode, constant(F32_MAX)))
+
+
+def _pairwise_sum(x, size: int):
+    """``[..., size]`` to ``[..., 1]`` (size a power of two): adjacent pairs, then pairs of those
+    (qpass.formats.nvfp4's order)."""
+    while size > 1:
+        even, odd = (op.Slice(x, ints([start]), ints([size]), ints([-1]), ints([2])) for start in (0, 1))
+        x, size = op.Add(even, odd), size // 2
+    return x
+
+
+def _squared_error(groups, g, s_b, size: int):
+    """The squared error of each NVFP4 block ``[..., G, size]`` quantized with ``s_b`` (4over6's
+    candidates: rounded to nearest even, dequantized ``q · (s_b · g)``), ``[..., G, 1]``."""
+    values = round_to_element(op.Mul(groups, _nvfp4_encode(g, s_b)), FP4_E2M1)
+    diff = op.Sub(op.Mul(values, op.Mul(s_b, g)), groups)
+    return _pairwise_sum(op.Mul(diff, diff), size)
+
+
 def nvfp4_scales(groups, spec: FormatSpec) -> Scales:
     if spec.granularity == "tile":
         raise UnsupportedExport("nvfp4 16x16 tiles of an activation (the tile spans rows of a dynamic dim)")
     tensor_amax = group_amax(groups, "tensor")
-    g = op.Clip(op.Div(tensor_amax, constant(GLOBAL_DIVISOR)), constant(F32_MIN_SUBNORMAL), constant(F32_MAX))
+    divisor = constant(global_divisor(spec.scale_mode))
+    g = op.Clip(op.Div(tensor_amax, divisor), constant(F32_MIN_SUBNORMAL), constant(F32_MAX))
     g = _non_finite_to_nan(tensor_amax, op.Where(op.Equal(tensor_amax, constant(0.0)), constant(1.0), g))
     ratio = op.Div(op.Div(group_amax(groups, "block"), constant(spec.element.max_normal)), g)
-    ratio = keep_nan(ratio, op.Clip(ratio, constant(FP8_E4M3.min_normal), constant(FP8_E4M3.max_normal)))
-    s_b = round_to_element(ratio, FP8_E4M3)
-    encode = op.Div(op.Reciprocal(g), s_b)
-    encode = keep_nan(encode, op.Min(encode, constant(F32_MAX)))
-    return Scales(encode, op.Mul(s_b, g), s_b, g)
+    s_b = _e4m3_scale(ratio)
+    if spec.scale_mode == FOUR_OVER_SIX:  # the map-to-4 candidate where it errs less (ties: map-to-6)
+        map_to_4 = _e4m3_scale(op.Mul(ratio, constant(MAP_TO_4)))
+        error_6, error_4 = (_squared_error(groups, g, s, spec.block_size) for s in (s_b, map_to_4))
+        s_b = op.Where(op.Less(error_4, error_6), map_to_4, s_b)
+    return Scales(_nvfp4_encode(g, s_b), op.Mul(s_b, g), s_b, g)
 
 
 def group_scales(groups, spec: FormatSpec) -> Scales:

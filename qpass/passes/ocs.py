@@ -22,7 +22,6 @@ split the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, fx
@@ -156,25 +155,3 @@ def split_channels(
         splits[plan.name] = split
     recompiled(gm, bool(splits))
     return splits
-
-
-def insert_observers(
-    gm: fx.GraphModule, plans: list[SitePlan], observe: Callable[[str, Tensor], None]
-) -> None:
-    """For calibration: report the input of every site that OCS will split to ``observe(site, x)``.
-    The graph then runs as Python (the observers are plain functions, not ops)."""
-    for plan in _split(plans):
-        node = plan.site.node
-        x, _ = plan.site.op.operand_nodes(node)
-        with gm.graph.inserting_before(node):
-            seen = gm.graph.call_function(_observer(plan.name, observe), (x,))
-        node.replace_input_with(x, seen)
-    recompiled(gm, bool(_split(plans)))
-
-
-def _observer(site: str, observe: Callable[[str, Tensor], None]) -> Callable[[Tensor], Tensor]:
-    def observe_input(x: Tensor) -> Tensor:
-        observe(site, x)
-        return x
-
-    return observe_input

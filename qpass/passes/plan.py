@@ -79,6 +79,8 @@ class SitePlan:
     ocs_by_input: bool = False  # channels chosen by calibrated input maxima (else by the weight)
     occ: float | None = None  # the quantile of outlier clamping and compensation, if planned
     rotated_weight: bool = False  # the residual-stream rotation rewrites the weight (qpass.passes.residual)
+    smooth: float | None = None  # SmoothQuant's migration strength α, if planned (qpass.passes.smooth)
+    smooth_norm: tuple[str, ...] = ()  # the norm weight (and bias) that takes its 1/s; () online
     lowering: str = "reference"  # "reference", "kernels" or "packed" (qpass.passes.lower)
     backend: str = ""  # which implementation runs the site, for qpass.report
     gemms: str = ""  # which GEMM runs each of its GEMMs (qpass.ops.gemm.route), for qpass.report
@@ -201,8 +203,9 @@ def plan_site(
         warnings.warn(f"qpass: site {site.name!r}: {note}", stacklevel=2)
     # Outlier clamping needs a quantized input and a weight for the high-precision residual product.
     occ = site_recipe.occ if input_times_weight(site) and products[0].quantizers.a is not None else None
+    smooth = site_recipe.smooth if input_times_weight(site) else None
     plan = SitePlan(site, products, ocs=ocs, ocs_by_input=ocs is not None and site.name in calibrated,
-                    occ=occ, notes=tuple(notes))
+                    occ=occ, smooth=smooth, notes=tuple(notes))
     if ocs is not None:
         plan = plan.noted(f"ocs: {plan.extra_channels} extra input channels, "
                           f"split by {'input' if plan.ocs_by_input else 'weight'}")

@@ -29,7 +29,7 @@ QUANTIZERS = [
     Quantizer("mxfp8_e4m3"),
     Quantizer("mxfp8_e4m3", scale_mode="rceil"), Quantizer("mxfp8_e5m2", scale_mode="even"),
     Quantizer("mxfp4"), Quantizer("mxfp4", scale_mode="ceil"), Quantizer("mxfp6_e2m3"), Quantizer("mxint8"),
-    Quantizer("nvfp4"),
+    Quantizer("nvfp4"), Quantizer("nvfp4", scale_mode="4over6"),
     Quantizer("fp4_e2m1", granularity=("block", 16)), Quantizer("fp6_e3m2", granularity="channel"),
 ]
 

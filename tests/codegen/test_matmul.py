@@ -69,6 +69,8 @@ ACTIVATIONS = [
     Quantizer("fp4_e2m1", granularity="channel", pow2=True),
     Quantizer("fp6_e2m3", granularity=("block", 16)),
     Quantizer("fp8_e4m3", granularity=("block", 128)),  # wider than BLOCK_K: the kernel widens its K tile
+    Quantizer("nvfp4", scale_mode="4over6"),
+    Quantizer("nvfp4", granularity=("tile", 16), scale_mode="4over6"),
 ]
 
 

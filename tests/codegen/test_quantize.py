@@ -9,7 +9,8 @@ of a NaN that comes out of a multiply is whichever operand the hardware propagat
 canonical NaN). The stored NaN *codes* (E4M3/E5M2 0x7F, E8M0 0xFF) do compare exactly.
 
 Covered: every named format with every option that changes its numerics (absmax granularity and
-pow2, each MX scale_mode, NVFP4 1x16 blocks and 16x16 tiles), rounding rne and away, along axis -1
+pow2, each MX scale_mode, NVFP4 1x16 blocks and 16x16 tiles, each with its default block scales and
+with 4over6's), rounding rne and away, along axis -1
 and (through a transposed view) axis 0, on inputs built to hit the corners: exact ties, saturation
 under floor scales, fp32 subnormals and extremes, NaN/Inf, zero blocks and -0.0; ragged lengths, 0-d
 to 4-d tensors along every kind of axis, strided views, bf16 and fp16. Stochastic rounding draws
@@ -36,7 +37,7 @@ import qpass  # noqa: E402
 from qpass import codegen  # noqa: E402
 from qpass.codegen.spec import kernel_spec, unsupported  # noqa: E402
 from qpass.codegen.tuning import INTERPRETING  # noqa: E402
-from qpass.formats import NAMED_FORMATS, FormatSpec  # noqa: E402
+from qpass.formats import NAMED_FORMATS, FormatSpec, nvfp4  # noqa: E402
 from qpass.formats.element import decode  # noqa: E402
 from qpass.formats.grouping import to_groups  # noqa: E402
 from qpass.formats.packing import unpack_codes  # noqa: E402
@@ -63,7 +64,10 @@ def every_quantizer(rounding: str) -> list[Quantizer]:
             for f in ABSMAX for g in GRANULARITIES for p in (False, True)
         ]
         + [Quantizer(f, scale_mode=m, rounding=rounding) for f in MX for m in SCALE_MODES]
-        + [Quantizer("nvfp4", granularity=g, rounding=rounding) for g in (None, ("tile", 16))]
+        + [
+            Quantizer("nvfp4", granularity=g, scale_mode=m, rounding=rounding)
+            for g in (None, ("tile", 16)) for m in (None, "4over6")
+        ]
     )
 
 
@@ -75,6 +79,8 @@ FAMILIES = [
     Quantizer("nvfp4"), Quantizer("nvfp4", granularity=("tile", 16)),
     Quantizer("fp8_e4m3"), Quantizer("fp8_e5m2", granularity="channel"),
     Quantizer("fp4_e2m1", granularity=("block", 16)),
+    Quantizer("nvfp4", scale_mode="4over6"),
+    Quantizer("nvfp4", granularity=("tile", 16), scale_mode="4over6"),
 ]
 
 
@@ -136,7 +142,8 @@ def scaled_groups(x: torch.Tensor, spec: FormatSpec, axis: int = -1) -> torch.Te
 
 def anchor(spec: FormatSpec) -> float:
     """A group amax for which every scaling's encode factor is 1 (MX: e = 0; absmax: max normal /
-    amax). NVFP4: s_b = 1 where the tensor amax is 2688 (g = 1); alone, g = 6 / 2688 and s_b = 448."""
+    amax). NVFP4: s_b = 1 where the tensor amax is 2688 (g = 1); alone, g = 6 / 2688 and s_b = 448
+    (4over6: 1536, and s_b = 1 or 1.5; alone, s_b = 256 or 384)."""
     if spec.scaling == "nvfp4":
         return 6.0
     return 1.0 if spec.element.is_int else spec.element.max_normal
@@ -150,10 +157,11 @@ def corner_cases(spec: FormatSpec, exponent: int = 3, seed: int = 0) -> torch.Te
     MX ceil/even/rceil, which move it by at most one binade) and the other elements, odd multiples
     of half a grid step times 2^exponent, land exactly halfway between two grid points (in the
     normal binades and the subnormal one; int8: k/128 for odd k). NVFP4 gets a 2688 * 2^exponent
-    too, so that g = 2^exponent. Rows 8-15, all below half the anchor (so the tensor amax stays
-    the anchor): a wide dynamic range, block maxima with a mantissa of nearly 2 (saturation under
-    floor scales), fp32 subnormals, a normal/subnormal mix, zero blocks with -0.0, an all -0.0
-    row, values just above fp32's smallest normal (the E8M0 exponent's clamp at -127), plain randn.
+    (4over6: 1536 * 2^exponent) too, so that g = 2^exponent. Rows 8-15, all below half the anchor
+    (so the tensor amax stays the anchor): a wide dynamic range, block maxima with a mantissa of
+    nearly 2 (saturation under floor scales), fp32 subnormals, a normal/subnormal mix, zero blocks
+    with -0.0, an all -0.0 row, values just above fp32's smallest normal (the E8M0 exponent's clamp
+    at -127), plain randn.
     """
     gen = torch.Generator().manual_seed(seed)
     element = spec.element
@@ -177,7 +185,7 @@ def corner_cases(spec: FormatSpec, exponent: int = 3, seed: int = 0) -> torch.Te
     x[:8] = ties * 2.0**exponent
     x[:8, ::16] = top
     if spec.scaling == "nvfp4":
-        x[0, 1] = 2688.0 * 2.0**exponent
+        x[0, 1] = nvfp4.global_divisor(spec.scale_mode) * 2.0**exponent
 
     half = top / 2
     x[8] = half * torch.rand(100, generator=gen) * 2.0 ** -torch.randint(0, 25, (100,), generator=gen).float()
@@ -256,7 +264,9 @@ def test_every_format_gives_the_reference_bits_on_ties_saturation_subnormals_and
     rne = qpass.fake_quantize(x, quantizer.spec, rounding="rne")
     away = qpass.fake_quantize(x, quantizer.spec, rounding="away")
     # The ties are real: rne and away differ on them (each of the two goes the other way on half).
-    assert (rne[:8] != away[:8]).float().mean() > 0.05
+    # (Not under 4over6: a block of ties errs the most at its map-to-6 scale, so it takes the
+    # map-to-4 one, where they are no ties; its own are in test_nvfp4_4over6_picks_...)
+    assert (rne[:8] != away[:8]).float().mean() > 0.05 or quantizer.spec.scale_mode == "4over6"
     assert_kernels_match(x if axis == -1 else x.t(), quantizer, axis)  # axis 0: a transposed view
 
 
@@ -293,6 +303,39 @@ def test_absmax_blocks_of_every_power_of_two(fmt, block):
 def test_absmax_blocks_wider_than_a_tile():
     quantizer = Quantizer("fp8_e4m3", granularity=("block", 256))
     assert_kernels_match(torch.randn(4, 300), quantizer)
+
+
+def four_over_six_cases() -> torch.Tensor:
+    """40 x 120 fp32 with g = 1 under 4over6 (amax 1536): in tile row 0, one hand-worked block per
+    tile, in row j of tile j (so that the block is also the tile's content). With amax 12, s6 = 2
+    and s4 = 3: both candidates' errors 0 (a tie: map-to-6), both 1 (7 rounds up at s6, down at
+    s4: a tie), map-to-4 wins (9.5); s6 saturates (56.4 / 9; s4 = 14 wins); fp32 subnormals (the
+    errors underflow to 0: a tie); ratios below the 2^-6 clamp (one scale); map-to-6 wins (the
+    ones) with an E2M1 tie in it (5 / 2 = 2.5: rne and away differ). Then random rows, and a
+    partial tile of 8 rows with the 4-wins block; the last block is 8 long."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.zeros(40, 120)
+    cases = [[12.0, 6.0, 3.0, 0.0, -3.0, -12.0], [12.0, 7.0], [12.0, 9.5], [56.4], [1e-40, -3e-41],
+             [0.05, -0.02, 0.001], [12.0, 5.0] + [1.0] * 14]
+    for j, case in enumerate(cases):
+        x[j, 16 * j:16 * j + len(case)] = torch.tensor(case)
+    x[8, 115] = 1536.0
+    x[16:32] = torch.randn(16, 120, generator=gen) * torch.logspace(-1, 2, 120)
+    x[35, 80:82] = torch.tensor([12.0, 9.5])
+    return x
+
+
+@pytest.mark.parametrize("rounding", ["rne", "away"])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("granularity", [None, ("tile", 16)], ids=["1x16", "16x16"])
+def test_nvfp4_4over6_picks_the_reference_candidate_on_ties(granularity, axis, rounding):
+    quantizer = Quantizer("nvfp4", granularity=granularity, scale_mode="4over6", rounding=rounding)
+    x = four_over_six_cases()
+    assert_kernels_match(x if axis == -1 else x.t(), quantizer, axis)  # axis 0: a transposed view
+    qt = qpass.quantize(x, quantizer.spec, rounding=rounding)
+    diagonal = qt.scales[:7, :7].diagonal().tolist()  # tie, tie, 4 (s4 = 3), 4 (s4 = 14), tie, one, 6
+    assert diagonal == [0x40, 0x40, 0x44, 0x56, 0x08, 0x08, 0x40] and qt.scales[35, 5] == 0x44
+    assert qpass.dequantize(qt)[6, 97].item() == (4.0 if rounding == "rne" else 6.0)  # 2.5: the E2M1 tie
 
 
 # ---- layouts, shapes and dtypes ------------------------------------------------------------------
@@ -364,6 +407,7 @@ STOCHASTIC = [
     Quantizer("nvfp4", granularity=("tile", 16), rounding="stochastic"),
     Quantizer("fp8_e4m3", granularity="channel", rounding="stochastic"),
     Quantizer("fp6_e3m2", granularity=("block", 32), pow2=True, rounding="stochastic"),
+    Quantizer("nvfp4", scale_mode="4over6", rounding="stochastic"),
 ]
 
 

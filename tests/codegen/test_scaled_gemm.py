@@ -161,9 +161,11 @@ def test_bad_operands():
 # Run in a fresh interpreter without TRITON_INTERPRET (under it, triton.jit gives interpreted
 # functions, which the compiler cannot take): each launcher's launches are recorded, not run, and
 # compiled for sm_90 by Triton's real compiler, which, unlike the interpreter, reads no module
-# globals but tl.constexpr ones.
+# globals but tl.constexpr ones. Each kernel's name is printed with its count of fmas that add +0:
+# the unfused products of NVFP4 4over6's candidate errors (the compiler fuses a multiply and an
+# add by default; the reference rounds the two).
 COMPILE_SCRIPT = """
-import torch, triton
+import importlib, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qpass.codegen import gemm_operand, scaled_gemm
@@ -171,10 +173,13 @@ from qpass.gemm_operand import quantize_for_gemm
 from qpass.quantizer import Quantizer
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int32: "i32"}
+TILES = {"BLOCK_R": 16, "BLOCK_L": 128}  # the autotuned kernels' one config under the interpreter
 launches = []
 
 class Recorder:
     def __init__(self, kernel):
+        while not isinstance(kernel, triton.runtime.jit.JITFunction):
+            kernel = kernel.fn  # an autotuner's
         self.kernel = kernel
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -189,29 +194,39 @@ gemm_operand.quantize_for_gemm(x, Quantizer("nvfp4"), -1, transposed=True)  # BL
 a = quantize_for_gemm(torch.randn(70, 96), Quantizer("nvfp4"), -1)
 b = quantize_for_gemm(torch.randn(40, 96), Quantizer("fp8_e4m3", granularity="channel"), -1)
 scaled_gemm.scaled_gemm(a, b, torch.bfloat16, torch.randn(40))
+quantize = importlib.import_module("qpass.codegen.quantize")  # qpass.codegen.quantize is a function
+skipped = type("Skipped", (), {"__getitem__": lambda self, grid: lambda *args, **kwargs: None})()
+quantize.wrap_triton = lambda kernel: Recorder(kernel) if kernel is quantize._quantize_kernel else skipped
+for granularity in (None, ("tile", 16)):  # NVFP4 4over6 in 1x16 blocks and 16x16 tiles
+    quantize.quantize(x[0], Quantizer("nvfp4", granularity=granularity, scale_mode="4over6"))
 for kernel, bound in launches:
     signature, constexprs = {}, {}
     for p in kernel.params:
-        value = bound[p.name]
+        value = bound.get(p.name, TILES.get(p.name))
         if p.is_constexpr or value is None:
             signature[p.name], constexprs[p.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[p.name] = "*" + TYPES[value.dtype]
         else:
-            assert type(value) is int, (p.name, value)
-            signature[p.name] = "i32"
+            assert type(value) in (int, float), (p.name, value)
+            signature[p.name] = "i32" if type(value) is int else "fp32"
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 64))
     assert compiled.asm["cubin"], kernel.__name__
-    print(kernel.__name__)
+    lines = compiled.asm["ptx"].splitlines()
+    print(kernel.__name__, sum("fma.rn.f32" in line and line.endswith("0f00000000;") for line in lines))
 """
 
 
 def test_the_kernels_compile_for_sm90(tmp_path):
-    """Ahead of time, no GPU needed: one variant of each kernel through Triton's CUDA compiler."""
+    """Ahead of time, no GPU needed: one variant of each kernel through Triton's CUDA compiler, and
+    the quantize kernel's NVFP4 4over6 with its candidates' error products left unfused."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.split() == ["_amax_kernel", "_gemm_operand_kernel", "_scaled_gemm_kernel"]
+    compiled = [line.split() for line in done.stdout.splitlines()]
+    assert [name for name, _ in compiled] == [
+        "_amax_kernel", "_gemm_operand_kernel", "_scaled_gemm_kernel", "_quantize_kernel", "_quantize_kernel"]
+    assert [int(unfused) > 0 for _, unfused in compiled] == [False, False, False, True, True]

@@ -16,6 +16,19 @@ FLOAT_FORMATS = list(ML_DTYPE)
 ALL_FORMATS = FLOAT_FORMATS + ["int8"]
 
 
+def nvfp4_global_scale(x: np.ndarray, divisor: float = 2688.0) -> np.float32:
+    """NVFP4's g of float32 ``x``: amax / divisor (2688 = 448 * 6; 4over6: 1536 = 256 * 6); 1.0 for an
+    all-zero tensor; NaN for NaN/Inf; qpass keeps it >= 2^-149."""
+    f32 = np.float32
+    with np.errstate(all="ignore"):
+        amax = np.max(np.abs(x))
+        if amax == 0:
+            return f32(1.0)
+        if not np.isfinite(amax):
+            return f32(np.nan)
+        return f32(max(amax / f32(divisor), f32(2.0**-149)))
+
+
 def nvfp4_tiles(x: np.ndarray, tile: int = 16):
     """SPEC section 2 NVFP4 with one E4M3 scale per ``tile x tile`` block of the last two dims,
     written as a loop over the tiles of float32 ``x`` (the quantization axis does not matter: the
@@ -27,14 +40,7 @@ def nvfp4_tiles(x: np.ndarray, tile: int = 16):
     assert x.dtype == np.float32 and x.ndim >= 2
     f32 = np.float32
     with np.errstate(all="ignore"):
-        # g = amax_tensor / 2688; 1.0 for an all-zero tensor; NaN for NaN/Inf; qpass keeps it >= 2^-149.
-        amax = np.max(np.abs(x))
-        if amax == 0:
-            g = f32(1.0)
-        elif not np.isfinite(amax):
-            g = f32(np.nan)
-        else:
-            g = max(amax / f32(2688.0), f32(2.0**-149))
+        g = nvfp4_global_scale(x)
         *batch, rows, cols = x.shape
         tile_codes = np.zeros((*batch, -(-rows // tile), -(-cols // tile)), np.uint8)
         codes = np.zeros(x.shape, np.uint8)

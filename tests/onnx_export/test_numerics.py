@@ -64,6 +64,7 @@ import qpass
 from qpass.formats import NAMED_FORMATS, SCALE_MODES, FormatSpec
 from qpass.formats.bits import floor_log2 as reference_floor_log2
 from qpass.formats.element import code_table
+from qpass.formats.nvfp4 import global_divisor
 from qpass.hadamard import random_signs
 from qpass.onnx import numerics
 from qpass.onnx.check import from_runtime, run, to_runtime
@@ -307,8 +308,8 @@ KINDS = [
     "random", "nan", "inf", "nan_and_inf", "all_nan",
 ]
 INPUT_KINDS = [*KINDS, "mixed"]  # mixed: a different kind per group
-# NVFP4: the kinds where a tensor amax of 2688 * 2^t is added, so that g = 2^t and each block's
-# E4M3 scale is the power of two 2^(k - t): its ties are then exact ties.
+# NVFP4: the kinds where a tensor amax of 2688 * 2^t (4over6: 1536 * 2^t) is added, so that g = 2^t
+# and each block's E4M3 scale is the power of two 2^(k - t): its ties are then exact ties.
 NVFP4_ANCHORED = {"ties", "near_ties", "signed_zeros", "random"}
 
 
@@ -336,7 +337,7 @@ def adversarial(spec: FormatSpec, kind: str, rows: int, length: int, seed: int) 
         k = int(rng.integers(t - 6, t + 9)) if spec.scaling == "nvfp4" else int(rng.integers(-30, 31))
         out[group] = getattr(fill, group_kind)(len(group), k)
     if spec.scaling == "nvfp4" and kind in NVFP4_ANCHORED:
-        out[rng.integers(out.size)] = 2688.0 * 2.0**t * rng.choice([-1.0, 1.0])
+        out[rng.integers(out.size)] = global_divisor(spec.scale_mode) * 2.0**t * rng.choice([-1.0, 1.0])
     return torch.from_numpy(_f32(out).reshape(rows, length))
 
 
@@ -380,7 +381,8 @@ ROUNDINGS = ["rne", "away"]
 
 def format_sites(name: str) -> list[Site]:
     """Along axis -1, every option of format ``name`` that changes its numerics (absmax: each
-    granularity with rne and away, and pow2; MX: each scale_mode with rne and away); then the
+    granularity with rne and away, and pow2; MX: each scale_mode with rne and away; NVFP4: each
+    block-scale rule with rne and away); then the
     layouts, axis 0 and axis 1 of a 3-D tensor (absmax: axis 0 for each granularity)."""
     spec = NAMED_FORMATS[name]
     if spec.scaling == "absmax":
@@ -393,8 +395,10 @@ def format_sites(name: str) -> list[Site]:
         sites = [Site(Quantizer(name, scale_mode=m, rounding=r)) for m in SCALE_MODES for r in ROUNDINGS]
         last = Quantizer(name, scale_mode="rceil", rounding="away")
         return sites + [Site(Quantizer(name), "axis0"), Site(last, "3d-axis1")]
-    sites = [Site(Quantizer(name, rounding=r)) for r in ROUNDINGS]
-    return sites + [Site(Quantizer(name), "axis0"), Site(Quantizer(name, rounding="away"), "3d-axis1")]
+    modes = (None, "4over6")  # nvfp4's block-scale rules
+    sites = [Site(Quantizer(name, scale_mode=m, rounding=r)) for m in modes for r in ROUNDINGS]
+    sites += [Site(Quantizer(name, scale_mode=m), "axis0") for m in modes]
+    return sites + [Site(Quantizer(name, scale_mode=m, rounding="away"), "3d-axis1") for m in modes]
 
 
 class Quantizes(torch.nn.Module):
@@ -457,11 +461,14 @@ def test_quantize_dequantize_gives_the_reference_bits(index, dialect, runtime):
 @pytest.mark.parametrize("name", list(NAMED_FORMATS))
 def test_the_inputs_hit_the_corners(name):
     """The corner cases are real: rne and away disagree on many values of the ties inputs (they
-    are exact ties, also under MX ceil scales), and the mixed inputs of blocks hold NaN, fp32
-    subnormals, and values that quantize to -0.0 and to +0.0."""
+    are exact ties, also under MX ceil scales; not under nvfp4's 4over6, which takes the map-to-4
+    scale for a block of ties, where they are ties no longer: its own ties are in
+    test_nvfp4_4over6_candidates), and the mixed inputs of blocks hold NaN, fp32 subnormals, and
+    values that quantize to -0.0 and to +0.0."""
     inputs = activation_inputs()
     for i, site in enumerate(SITES):
-        if site.quantizer.format == name and site.layout == "axis-1" and site.quantizer.rounding == "rne":
+        q = site.quantizer
+        if q.format == name and site.layout == "axis-1" and q.rounding == "rne" and q.scale_mode != "4over6":
             x = inputs["ties"][i]
             away = replace(site.quantizer, rounding="away")
             differ = site.quantizer(x, site.axis) != away(x, site.axis)
@@ -524,6 +531,50 @@ def test_signs_of_zero_survive(index, dialect, runtime):
     else:
         assert torch.equal(expected[zeros].signbit(), x[zeros].signbit())
     assert_same_bits(got, expected, x)
+
+
+FOUR_OVER_SIX_SITES = [
+    Site(Quantizer("nvfp4", scale_mode="4over6")),
+    Site(Quantizer("nvfp4", scale_mode="4over6", rounding="away")),
+    Site(Quantizer("nvfp4", scale_mode="4over6"), "axis0"),
+]
+# 16-element blocks with g = 1 (a tensor amax of 1536), worked out in tests/formats/test_nvfp4.py: with
+# amax 12, s6 = 2 and s4 = 3. Both errors 0 (a tie: map-to-6); both 1 (a tie); map-to-4 wins; s6
+# saturates; fp32 subnormals (errors underflow: a tie); ratios below the 2^-6 clamp; map-to-6 wins
+# with an E2M1 tie in it (5 / 2 = 2.5, where rne and away differ).
+FOUR_OVER_SIX_BLOCKS = [
+    [12.0, 6.0, 3.0, 0.0, -3.0, -12.0], [12.0, 7.0], [12.0, 9.5], [56.4], [1e-40, -3e-41],
+    [0.05, -0.02, 0.001], [12.0, 5.0] + [1.0] * 14, [-12.0, -9.5, 4.5, 1.5],
+]
+
+
+def four_over_six_input(layout: str, seed: int) -> torch.Tensor:
+    """The layout's ``[rows, length]`` random blocks, the hand-worked ones among them, and 1536."""
+    _, length, rows = LAYOUTS[layout]
+    x = torch.randn(rows, length, generator=torch.Generator().manual_seed(seed)) * 20
+    for i, case in enumerate(FOUR_OVER_SIX_BLOCKS):
+        row, block = divmod(i, length // 16)
+        x[row, 16 * block:16 * block + 16] = torch.tensor(case + [0.0] * (16 - len(case)))
+    x[-1, -1] = 1536.0
+    return lay_out(x, layout)
+
+
+@pytest.mark.parametrize(("dialect", "runtime"), RUNS, ids=RUN_IDS)
+def test_nvfp4_4over6_candidates(dialect, runtime):
+    """4over6's choice of scale per block, exact ties of the two candidates' errors included (the
+    map-to-6 one): the reference's bits on its hand-worked blocks and on the adversarial kinds."""
+    sites = FOUR_OVER_SIX_SITES
+    inputs = [[four_over_six_input(site.layout, i) for i, site in enumerate(sites)]]
+    inputs += [[layout_input(site.quantizer.spec, kind, site.layout, _seed("4over6", kind, i))
+                for i, site in enumerate(sites)] for kind in ("mixed", "ties", "near_ties", "random", "nan")]
+    model = cached_export(("4over6", dialect), Quantizes(sites), dialect, tuple(inputs[0]))
+    run = runner(model, runtime)
+    for xs in inputs:
+        for site, x, got in zip(sites, xs, run(xs)):
+            assert_same_bits(got, site.quantizer(x, site.axis), x)
+    scales = qpass.quantize(inputs[0][0], sites[0].quantizer.spec).scales
+    # Two blocks a row: tie, tie; 4 (s4 = 3), 4 (s4 = 14); one scale, one scale; 6 with an E2M1 tie.
+    assert scales[:4, :2].tolist() == [[0x40, 0x40], [0x44, 0x56], [0x08, 0x08], [0x40, scales[3, 1]]]
 
 
 HALF_SITES = [
@@ -701,7 +752,8 @@ def format_weights(name: str) -> list[Weight]:
         ]
     if spec.scaling == "nvfp4":
         tiles = Quantizer(name, granularity=("tile", 16))
-        return [Weight(q, "mixed", axis) for q in (Quantizer(name), tiles) for axis in (1, 0)]
+        four_over_six = [Quantizer(name, scale_mode="4over6"), replace(tiles, scale_mode="4over6")]
+        return [Weight(q, "mixed", axis) for q in (Quantizer(name), tiles, *four_over_six) for axis in (1, 0)]
     return [Weight(Quantizer(name), "mixed", 1), Weight(Quantizer(name), "mixed", 0),
             Weight(Quantizer(name, scale_mode="rceil"), "mixed", 1)]
 
