@@ -549,7 +549,7 @@ def test_twenty_hugging_face_models_with_graph_breaks_are_all_quantized():
             rows = qpass.report(model).rows
             linears = [r for r in rows if r["kind"] in GEMM_KINDS and r["site"] != "lm_head"]
             weights = {r["formats"].get("fprop.weight") for r in linears}
-            expected = {"fp8_e4m3(channel)"} if recipe == "fp8-infer" else {"mxfp8_e4m3"}
+            expected = {EXPECTED_FORMATS[recipe]["fprop.weight"]}
             messages = [str(w.message) for w in caught if "qpass" in str(w.message)]
             if not linears or not all(r["quantized"] for r in linears) or weights != expected or messages:
                 failures.append((i, name, recipe, len(linears), weights, messages[:1]))
