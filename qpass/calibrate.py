@@ -6,6 +6,8 @@ then has the graphs captured again with what was learnt:
 
 - outlier channel splitting (``ocs=``) chooses the channels to split from each split site's
   per-channel input maximum instead of from the weights;
+- SmoothQuant (``smooth=``) takes its per-channel scales from the same maxima
+  (:mod:`qpass.passes.smooth`);
 - ``method="gptq"`` (or a :class:`~qpass.gptq.GPTQ` with options) replaces each quantized linear
   weight by its GPTQ solution on the site's own grid (:mod:`qpass.gptq`), from ``XᵀX`` of the
   site's inputs after its rotation. The graph is the same; the weights are new, and each is a fixed
@@ -35,8 +37,8 @@ METHODS = ("rtn", "gptq")
 def calibrate(model: nn.Module, batches: Iterable, method: str | GPTQ = "rtn") -> nn.Module:
     """Run ``model`` (compiled by :func:`qpass.compile` with an inference recipe) on ``batches``
     (each a tensor, a tuple of positional arguments or a dict of keyword arguments) and use what
-    its sites saw: OCS statistics where the recipe splits channels, and with ``method="gptq"`` new
-    weights; returns ``model``."""
+    its sites saw: OCS statistics and SmoothQuant scales where the recipe asks for them, and with
+    ``method="gptq"`` new weights; returns ``model``."""
     state = capture.state_of(model, "qpass.calibrate")
     recipe = state.recipe
     gptq = _gptq_config(method)

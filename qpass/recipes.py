@@ -23,6 +23,7 @@ import copy
 from dataclasses import dataclass, field, fields, replace
 
 from qpass.formats.dge import DGE
+from qpass.formats.spec import NVFP4_SCALE_MODES, SCALE_MODES, scale_modes_by_family
 from qpass.quantizer import Quantizer, as_quantizer
 from qpass.rotation import Hadamard, Rotation
 
@@ -251,8 +252,6 @@ class Recipe:
             recipe = _map_quantizers(recipe, lambda q: replace(q, rounding=rounding))
         if scale_mode is not None:
             # An MX mode goes to the MX quantizers, an NVFP4 one ("4over6") to the nvfp4 ones.
-            from qpass.formats.spec import NVFP4_SCALE_MODES, SCALE_MODES, scale_modes_by_family
-
             families = {"mx": SCALE_MODES, "nvfp4": NVFP4_SCALE_MODES}
             family = next((f for f, modes in families.items() if scale_mode in modes), None)
             if family is None:

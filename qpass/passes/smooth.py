@@ -26,12 +26,11 @@ from torch import Tensor, fx
 from qpass.passes.kinds import is_op, meta_value
 from qpass.passes.plan import SitePlan
 from qpass.passes.quantize import recompiled
-from qpass.passes.residual import MUL, PASS_THROUGH
+from qpass.passes.residual import MUL, PASS_THROUGH, RMS_NORM
 from qpass.passes.sites import ModelContext
 
 aten = torch.ops.aten
 LAYER_NORM = (F.layer_norm, torch.layer_norm, aten.layer_norm.default)
-RMS_NORM = (F.rms_norm, torch.rms_norm, aten.rms_norm.default)
 
 
 def smoothing_scales(alpha: float, input_max: Tensor, weight_max: Tensor) -> list[float]:
