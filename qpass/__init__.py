@@ -2,6 +2,7 @@
 
 from qpass import ops  # noqa: F401 -- registers the qpass:: custom ops
 from qpass.calibrate import calibrate
+from qpass.checkpoint import from_pretrained, save_pretrained
 from qpass.compile import compile, export
 from qpass.formats import (
     DGE,
@@ -52,9 +53,11 @@ __all__ = [
     "export",
     "export_onnx",
     "fake_quantize",
+    "from_pretrained",
     "get_recipe",
     "qsnr",
     "quantize",
     "recipes",
     "report",
+    "save_pretrained",
 ]

@@ -30,6 +30,7 @@ from qpass.passes.plan import SitePlan
 from qpass.passes.smooth import smoothing_scales
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
+from qpass.stored import StoredWeight
 
 METHODS = ("rtn", "gptq")
 
@@ -54,6 +55,11 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | GPTQ = "rtn") -
     if gptq is not None and splits:
         raise ValueError("method='gptq' does not combine with ocs=: a split channel's two halves would "
                          "need weights of their own, which the model's parameter does not have")
+    stored = [name for name, p in model.named_parameters() if isinstance(p, StoredWeight)]
+    if stored:
+        raise ValueError(f"this model's weights are stored quantized ({stored[0]} and {len(stored) - 1} "
+                         "more, loaded by qpass.from_pretrained): calibrate the high-precision model, "
+                         "then save it")
     batches = list(batches)
     maxima: dict[str, Tensor] = {}
     if splits or smooths:

@@ -1,12 +1,16 @@
 """The ``qpass`` command line: ``qpass formats`` prints what every named format costs and keeps;
-``qpass export`` writes an ONNX model of a model under an inference recipe."""
+``qpass quantize`` writes a quantized checkpoint of a Hugging Face model (qpass's own, or the
+compressed-tensors format that serving engines load), calibrated if asked; ``qpass export`` writes
+an ONNX model of a model under an inference recipe."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 
@@ -93,6 +97,52 @@ def export_command(args: argparse.Namespace) -> None:
         print(qpass.onnx.check(path, compiled, inputs))
 
 
+def _stage(number: int, total: int, what: str) -> None:
+    """One line of the command's progress: ``[2/4 ######......] calibrating ...`` on stderr."""
+    done = "#" * (12 * number // total)
+    print(f"[{number}/{total} {done:.<12}] {what}", file=sys.stderr, flush=True)
+
+
+def calibration_batches(tokenizer, count: int, length: int, text_file: str | None) -> list[torch.Tensor]:
+    """``count`` consecutive ``[1, length]`` token windows of ``text_file``, or of Python's own help
+    topics (``pydoc_data``: text every Python install has, so calibration works offline)."""
+    text = Path(text_file).read_text() if text_file else "\n\n".join(topics[name] for name in sorted(topics))
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < count * length:
+        raise SystemExit(f"qpass quantize: the calibration text has {ids.numel()} tokens, fewer than "
+                         f"--calibrate {count} windows of --seq-len {length}")
+    return [ids[i * length:(i + 1) * length][None] for i in range(count)]
+
+
+def quantize_command(args: argparse.Namespace) -> None:
+    import transformers
+
+    import qpass
+
+    stages = 4 if args.calibrate else 3
+    _stage(1, stages, f"loading {args.model}")
+    source = dict(gguf_file=args.gguf_file) if args.gguf_file else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, **source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **source).eval()
+    qm = qpass.compile(model, args.recipe, backend="aot_eager")
+    sample = tokenizer("qpass finds every matmul of the model.", return_tensors="pt").input_ids
+    _stage(2, stages, f"finding the sites of recipe {args.recipe}")
+    with torch.no_grad():
+        qm(sample)
+    if args.calibrate:
+        _stage(3, stages, f"calibrating ({args.method}) on {args.calibrate} windows of {args.seq_len} tokens")
+        batches = calibration_batches(tokenizer, args.calibrate, args.seq_len, args.calibration_text)
+        qpass.calibrate(qm, batches, method=args.method)
+        with torch.no_grad():
+            qm(sample)
+    _stage(stages, stages, f"writing {args.output} ({args.format})")
+    path = qpass.save_pretrained(qm, args.output, format=args.format)
+    tokenizer.save_pretrained(path)
+    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+    print(f"wrote {path} ({size / 1e6:.1f} MB, {args.format} format, recipe {args.recipe})")
+    print(qpass.report(qm))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="qpass", description="qpass: low-precision quantization for PyTorch"
@@ -102,6 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     formats.add_argument("--rows", type=int, default=256)
     formats.add_argument("--cols", type=int, default=4096)
     formats.add_argument("--seed", type=int, default=0)
+    quantize = commands.add_parser("quantize", help="write a quantized checkpoint of a Hugging Face model")
+    quantize.add_argument("model", help="a Hugging Face model directory")
+    quantize.add_argument("--recipe", required=True, help="an inference recipe, e.g. nvfp4-infer")
+    quantize.add_argument("-o", "--output", required=True, help="the checkpoint directory to write")
+    quantize.add_argument("--format", default="qpass", choices=("qpass", "compressed-tensors"))
+    quantize.add_argument("--calibrate", type=int, default=0, metavar="N",
+                          help="calibrate on N windows of text (GPTQ, SmoothQuant, OCS statistics)")
+    quantize.add_argument("--method", default="gptq", choices=("rtn", "gptq"), help="what calibration does")
+    quantize.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    quantize.add_argument("--calibration-text", help="a text file (default: Python's help topics)")
+    quantize.add_argument("--gguf-file", help="the GGUF file in the directory to load the model from")
     export = commands.add_parser("export", help="write an ONNX model of a model under an inference recipe")
     export.add_argument("model", help="a Hugging Face model directory, or module:function / file.py:function")
     export.add_argument("--recipe", required=True, help="an inference recipe, e.g. mxfp4-weight-only")
@@ -114,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "formats":
         print_format_table(args.rows, args.cols, args.seed)
+    elif args.command == "quantize":
+        quantize_command(args)
     elif args.command == "export":
         export_command(args)
 

@@ -24,7 +24,9 @@ class Execution(JsonTuple):
     GEMM can use them, else the operand itself (a weight: its parameter, which costs no memory).
     ``sync_a``, ``sync_b``, ``sync_grad``: the operand's per-tensor amaxes are the MAX across
     data-parallel ranks (:mod:`qpass.distributed`); a weight's never need to be, it is the same on
-    every rank (DDP replicates it, FSDP2 gathers it whole)."""
+    every rank (DDP replicates it, FSDP2 gathers it whole). ``b_stored``: the B operand is a weight
+    that arrives already quantized (and rotated) by this product's own quantizer, a
+    :class:`~qpass.stored.StoredWeight` loaded from a checkpoint: its values are used as they are."""
 
     kernels: bool = False
     a_state: str = ""
@@ -35,6 +37,7 @@ class Execution(JsonTuple):
     sync_a: bool = False
     sync_b: bool = False
     sync_grad: bool = False
+    b_stored: bool = False
 
     def check(self, quantizers: MatmulQuantizers) -> Execution:
         """``self``, if its states fit ``quantizers``: a state records one amax per step, so its

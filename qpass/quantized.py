@@ -54,7 +54,13 @@ def product(a: Tensor, b: Tensor, config: ProductConfig) -> Tensor:
     q, run, op_config = without_hoisted(config)
     if not q.quantizes_backward:
         a = qdq(a, q.a, -1, run.a_state, q.rotation, run.kernels, run.sync_a)
-        return torch.matmul(a, qdq(b, q.b, -2, run.b_state, q.rotation, run.kernels, run.sync_b))
+        # A stored weight is laid out as qdq's output would be (contiguous), so that the matmul runs the
+        # same kernel and sums in the same order.
+        if run.b_stored:
+            b = b.contiguous()
+        else:
+            b = qdq(b, q.b, -2, run.b_state, q.rotation, run.kernels, run.sync_b)
+        return torch.matmul(a, b)
     if q.hoists_a:
         a = qdq(a, q.a, -1, run.a_state, kernels=run.kernels, sync=run.sync_a)
     if q.hoists_b:

@@ -20,6 +20,7 @@ splits outlier channels (:mod:`qpass.passes.ocs`).
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field, fields, replace
 
 from qpass.formats.dge import DGE
@@ -263,6 +264,57 @@ class Recipe:
             recipe = _map_quantizers(
                 recipe, lambda q: replace(q, scale_mode=scale_mode) if q.spec.scaling == family else q)
         return recipe
+
+
+    def to_json(self) -> str:
+        """The recipe as JSON (what a checkpoint keeps); :meth:`from_json` rebuilds an equal one."""
+        return json.dumps(_encoded(self))
+
+    @staticmethod
+    def from_json(text: str) -> Recipe:
+        recipe = _decoded(json.loads(text))
+        if not isinstance(recipe, Recipe):
+            raise ValueError(f"not the JSON of a qpass Recipe: {text[:80]!r}")
+        return recipe
+
+
+# The JSON of a recipe tags each of its config objects with its type ({"Quantizer": {fields}}); tuples
+# are tagged too, since rules and granularities hold them and JSON would hand back lists.
+_CONFIG_TYPES = {cls.__name__: cls for cls in (Recipe, Quantizer, Rotation, Hadamard, DGE)}
+
+
+def _encoded(value):
+    if isinstance(value, tuple(_CONFIG_TYPES.values())):
+        return {type(value).__name__: {f.name: _encoded(getattr(value, f.name)) for f in fields(value)}}
+    if isinstance(value, GemmOverrides):
+        return {"GemmOverrides": {key: _encoded(q) for key, q in value.items()}}
+    if isinstance(value, tuple):
+        return {"tuple": [_encoded(v) for v in value]}
+    if isinstance(value, list):
+        return [_encoded(v) for v in value]
+    if isinstance(value, dict):
+        return {"dict": {key: _encoded(v) for key, v in value.items()}}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a recipe holds {value!r}, which has no JSON form")
+
+
+def _decoded(value):
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    ((tag, content),) = value.items()
+    if tag == "tuple":
+        return tuple(_decoded(v) for v in content)
+    if tag == "dict":
+        return {key: _decoded(v) for key, v in content.items()}
+    if tag == "GemmOverrides":
+        return GemmOverrides.parse({key: _decoded(q) for key, q in content.items()})
+    if tag not in _CONFIG_TYPES:
+        raise ValueError(
+            f"unknown type {tag!r} in a recipe's JSON; expected one of {', '.join(_CONFIG_TYPES)}")
+    return _CONFIG_TYPES[tag](**{key: _decoded(v) for key, v in content.items()})
 
 
 def _map_quantizers(recipe: Recipe, change) -> Recipe:

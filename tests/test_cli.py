@@ -1,4 +1,5 @@
-"""The `qpass formats` command: a row per named format, with bits and QSNR that make sense."""
+"""The `qpass` command line: `formats` (a row per named format, with bits and QSNR that make sense),
+`quantize` and `export`."""
 
 import math
 import subprocess
@@ -96,3 +97,38 @@ def test_export_explains_what_it_cannot_load(tmp_path):
         main(["export", f"{factory}:bare", "--recipe", "fp8-infer", "-o", str(tmp_path / "x.onnx")])
     with pytest.raises(SystemExit, match="neither a Hugging Face model directory nor module:function"):
         main(["export", str(tmp_path), "--recipe", "fp8-infer", "-o", str(tmp_path / "x.onnx")])
+
+
+def tiny_hugging_face_directory(path) -> None:
+    """A tiny Llama with a word-level tokenizer of its own (nothing downloaded)."""
+    import tokenizers
+    import transformers
+
+    words = sorted(set("qpass finds every matmul of the model and quantizes it in low precision".split()))
+    vocab = {"<unk>": 0, **{word: i + 1 for i, word in enumerate(words)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(path)
+
+
+def test_quantize_calibrates_and_writes_a_checkpoint_that_loads(tmp_path, capsys):
+    import qpass
+    from qpass.stored import StoredWeight
+
+    tiny_hugging_face_directory(tmp_path / "model")
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(["qpass finds every matmul of the model"] * 40))
+    main(["quantize", str(tmp_path / "model"), "--recipe", "nvfp4-infer", "-o", str(tmp_path / "out"),
+          "--calibrate", "4", "--seq-len", "32", "--calibration-text", str(text)])
+    out, err = capsys.readouterr()
+    assert "[4/4 ############] writing" in err and "gptq: weight replaced" in out
+    loaded = qpass.from_pretrained(tmp_path / "out")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj.weight, StoredWeight)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit, match="fewer than --calibrate 99 windows"):
+        main(["quantize", str(tmp_path / "model"), "--recipe", "nvfp4-infer", "-o", str(tmp_path / "x"),
+              "--calibrate", "99", "--calibration-text", str(text)])

@@ -14,6 +14,11 @@ delayed-scaling states) and records on the plan which implementation runs the si
   generated kernels (rotations fused) where they can run them.
 - **reference**: the :mod:`qpass.formats` numerics as torch ops.
 
+A site whose weight parameter is a :class:`~qpass.stored.StoredWeight` (loaded by
+:func:`qpass.from_pretrained`) takes it as its GEMM's weight operand as stored (``b_stored``), in
+every one of these implementations; :func:`stored_weight` checks that the stored quantization is the
+one the plan asks for, and refuses the model otherwise.
+
 Where the kernels run is decided here too (:class:`Target`): on CUDA, or anywhere in Triton's
 interpreter with ``kernels="interpret"``; ``kernels="triton"`` on a graph that does not run on CUDA
 keeps the lowered structure with the reference implementations. A packed weight is a snapshot:
@@ -38,6 +43,7 @@ from qpass.passes.kinds import meta_value
 from qpass.passes.plan import ProductPlan, SitePlan
 from qpass.passes.quantize import recompiled, replace_node
 from qpass.quantizer import Quantizer
+from qpass.stored import StoredWeight
 
 KERNEL_CHOICES = ("auto", "triton", "interpret", "reference")
 REFERENCE, KERNELS, PACKED = "reference", "kernels", "packed"
@@ -77,6 +83,36 @@ def _states(product: ProductPlan, site: str, prefix: str, new_state: NewState) -
         b_state=new_state(site, prefix + b, q.b) if q.b and once["b"] else "",
         grad_state=new_state(site, prefix + "grad_output", q.da_grad) if once["grad"] else "",
     ).check(q)
+
+
+def stored_weight(plan: SitePlan, parameters: dict[fx.Node, torch.Tensor]) -> StoredWeight | None:
+    """The site's weight operand if it is stored quantized, after checking that the plan quantizes it
+    exactly so: one inference product, its weight quantizer and rotation, nothing that rewrites the
+    weight in the graph. A stored weight anywhere else is a checkpoint that does not match its recipe."""
+    stored = {i: value for i, node in enumerate(plan.site.weights)
+              if isinstance(value := parameters.get(node), StoredWeight)}
+    if not stored:
+        return None
+    weight = stored.get(len(plan.site.operands) - 1)
+    why = None
+    if plan.excluded is not None:
+        why = f"the site is excluded ({plan.excluded})"
+    elif weight is None or len(stored) > 1 or len(plan.products) != 1:
+        why = "the stored tensor is not the site's one weight operand"
+    elif plan.products[0].quantizers.quantizes_backward:
+        why = "the recipe trains (training keeps high-precision weights)"
+    elif plan.ocs is not None or plan.rotated_weight:
+        why = "the plan rewrites the weight in the graph (channel splitting or the residual rotation)"
+    else:
+        q = plan.products[0].quantizers
+        planned = (q.b.to_json() if q.b else "", q.rotation.to_json() if q.rotation else "")
+        if planned != (weight.quantizer, weight.rotation):
+            why = (f"the plan quantizes it as {q.b}{f' after {q.rotation}' if q.rotation else ''}, the "
+                   f"checkpoint stored {weight!r}")
+    if why is not None:
+        raise ValueError(f"site {plan.name}: its weight {plan.site.parameter or '(a parameter)'} is stored "
+                         f"quantized, but {why}: the checkpoint does not match its recipe")
+    return weight
 
 
 def _saving(product: ProductPlan) -> ProductPlan:
@@ -213,6 +249,9 @@ def plan_lowering(
             products = [replace(p, execution=_states(p, plan.name, f"{n}." if n else "", new_state))
                         for p, n in zip(plan.products, names)]
             plan = plan.with_products(products)
+        if stored_weight(plan, parameters) is not None:
+            (product,) = plan.products
+            plan = plan.with_products([replace(product, execution=replace(product.execution, b_stored=True))])
         if plan.excluded is None:
             plan = plan.with_products([_saving(p) for p in plan.products])
             if target.sync_amax and experts:
@@ -237,11 +276,14 @@ def pack_weights(
         bound = plan.site.op.bind(node)
         weight = parameters[plan.site.operands[1]]
         q = plan.products[0].quantizers
-        with torch.no_grad():
-            w = weight.detach()
-            if q.rotation is not None:
-                w = q.rotation(w.float(), -1).to(weight.dtype)
-            qt = quantize(w, q.b.spec, axis=-1, rounding=q.b.rounding)
+        if isinstance(weight, StoredWeight):
+            qt = weight.qtensor()
+        else:
+            with torch.no_grad():
+                w = weight.detach()
+                if q.rotation is not None:
+                    w = q.rotation(w.float(), -1).to(weight.dtype)
+                qt = quantize(w, q.b.spec, axis=-1, rounding=q.b.rounding)
         # The graph module keeps the packed weight alive; the op finds it by key.
         gm._qpass_packed_weights = [*getattr(gm, "_qpass_packed_weights", []), qt]
         args = (bound["input"], bound["bias"], register_packed_weight(qt), q.b.to_json(), qt.shape[0],

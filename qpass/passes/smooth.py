@@ -159,7 +159,8 @@ def smooth_sites(
         smoothing = Smoothing(scales[plan.name], online=not plan.smooth_norm,
                               weight_axis=-1 if plan.site.op.weight_k_axis == -1 else 0)
         with gm.graph.inserting_before(node):
-            node.replace_input_with(w, gm.graph.call_function(smoothing.scale_weight, (w,)))
+            if not plan.products[0].execution.b_stored:  # a stored weight was smoothed before it was saved
+                node.replace_input_with(w, gm.graph.call_function(smoothing.scale_weight, (w,)))
             if smoothing.online:
                 node.replace_input_with(x, gm.graph.call_function(smoothing.scale_input, (x,)))
         for norm_parameter in _norm_parameters(x, parameters) if plan.smooth_norm else ():
