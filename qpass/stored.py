@@ -16,11 +16,13 @@ raises rather than write into values that are not there.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from qpass.formats import QTensor
+from qpass.formats import QTensor, quantize
 from qpass.formats.packing import pack_fp6, unpack_fp6
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
@@ -30,6 +32,17 @@ aten = torch.ops.aten
 # Ops that keep a StoredWeight what it is: its own views (nn.Parameter detaches), copies and moves.
 _SAME_WEIGHT = (aten.detach.default, aten.alias.default)
 _COPIES = (aten.clone.default, aten._to_copy.default)
+
+
+def quantize_weight(weight: Tensor, quantizer: Quantizer, rotation: Rotation | None, axis: int) -> QTensor:
+    """A GEMM's weight operand as codes and scales, computed as the graph computes it: rotated along
+    its reduction ``axis`` and rounded to the weight's dtype (as ``qpass::rotate``), then quantized."""
+    with torch.no_grad():
+        w = weight.detach()
+        if rotation is not None:
+            w = rotation(w, axis)
+        qt = quantize(w.float(), quantizer.spec, axis=axis, rounding=quantizer.rounding)
+    return replace(qt, dtype=weight.dtype)
 
 
 class StoredWeight(Tensor):

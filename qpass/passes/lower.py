@@ -35,7 +35,6 @@ import torch
 from torch import fx
 
 from qpass.execution import Execution, without_hoisted
-from qpass.formats import quantize
 from qpass.matmul_quantizers import MatmulQuantizers
 from qpass.ops.gemm import route
 from qpass.ops.kernels import register_packed_weight
@@ -43,7 +42,7 @@ from qpass.passes.kinds import meta_value
 from qpass.passes.plan import ProductPlan, SitePlan
 from qpass.passes.quantize import recompiled, replace_node
 from qpass.quantizer import Quantizer
-from qpass.stored import StoredWeight
+from qpass.stored import StoredWeight, quantize_weight
 
 KERNEL_CHOICES = ("auto", "triton", "interpret", "reference")
 REFERENCE, KERNELS, PACKED = "reference", "kernels", "packed"
@@ -279,11 +278,7 @@ def pack_weights(
         if isinstance(weight, StoredWeight):
             qt = weight.qtensor()
         else:
-            with torch.no_grad():
-                w = weight.detach()
-                if q.rotation is not None:
-                    w = q.rotation(w.float(), -1).to(weight.dtype)
-                qt = quantize(w, q.b.spec, axis=-1, rounding=q.b.rounding)
+            qt = quantize_weight(weight, q.b, q.rotation, -1)
         # The graph module keeps the packed weight alive; the op finds it by key.
         gm._qpass_packed_weights = [*getattr(gm, "_qpass_packed_weights", []), qt]
         args = (bound["input"], bound["bias"], register_packed_weight(qt), q.b.to_json(), qt.shape[0],
