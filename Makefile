@@ -53,6 +53,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/distributed_cpu.py
 	$(BENCH_VENV)/bin/python bench/moe_cpu.py
 	$(BENCH_VENV)/bin/python bench/ptq_real.py
+	$(BENCH_VENV)/bin/python bench/optim_states.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
 """qpass: low-precision (FP8, MX, FP4) quantization for PyTorch models, as compiler passes."""
 
-from qpass import ops  # noqa: F401 -- registers the qpass:: custom ops
+from qpass import ops, optim  # noqa: F401 -- ops registers the qpass:: custom ops; qpass.optim.AdamW
 from qpass.calibrate import calibrate
 from qpass.checkpoint import from_pretrained, save_pretrained
 from qpass.compile import compile, export
