@@ -60,10 +60,8 @@ def load_model(source: str, input_shape: list[int] | None) -> tuple[torch.nn.Mod
     if Path(source, "config.json").is_file():
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(source)
-        config.use_cache = False
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, config=config)
-        return model, (torch.randint(0, config.vocab_size, input_shape or [2, 16]),)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source)
+        return model, (torch.randint(0, model.config.vocab_size, input_shape or [2, 16]),)
     module_name, _, function = source.rpartition(":")
     if not module_name or not function:
         raise SystemExit(
@@ -91,7 +89,8 @@ def export_command(args: argparse.Namespace) -> None:
     model, inputs = load_model(args.model, args.input_shape)
     model.eval()
     compiled = qpass.compile(model, args.recipe, backend="aot_eager")
-    path = qpass.onnx.export_onnx(compiled, inputs, args.output, dialect=args.dialect)
+    path = qpass.onnx.export_onnx(
+        compiled, inputs, args.output, dialect=args.dialect, use_cache=False if args.no_cache else None)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.dialect} dialect, recipe {args.recipe})")
     if args.check:
         print(qpass.onnx.check(path, compiled, inputs))
@@ -172,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="example input shape, e.g. 2x16 (token ids of a HF model, the default) "
                              "or 2x8x256")
     export.add_argument("--check", action="store_true", help="validate the file against qpass in PyTorch")
+    export.add_argument("--no-cache", action="store_true",
+                        help="a causal LM: export the plain forward (logits only), not the decoder with its "
+                        "KV cache as inputs and outputs for token-by-token generation")
     args = parser.parse_args(argv)
     if args.command == "formats":
         print_format_table(args.rows, args.cols, args.seed)

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import onnx
 import pytest
 import torch
 
@@ -87,7 +88,10 @@ def test_export_of_a_hugging_face_directory(tmp_path, capsys):
     main(["export", str(tmp_path / "llama"), "--recipe", "fp8-infer", "--dialect", "qdq",
           "-o", str(tmp_path / "l.onnx"), "--input-shape", "2x8"])
     assert "qdq dialect, recipe fp8-infer" in capsys.readouterr().out
-    assert (tmp_path / "l.onnx").stat().st_size > 0
+    # As configured (use_cache on): the decoder with its KV cache, for generation.
+    names = [i.name for i in onnx.load(str(tmp_path / "l.onnx")).graph.input]
+    assert names == [
+        "input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value"]
 
 
 def test_export_explains_what_it_cannot_load(tmp_path):

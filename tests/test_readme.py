@@ -1,5 +1,6 @@
 """Every Python example in the README (and in docs/gemms.md) runs as written."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -13,12 +14,19 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 2
 
 
+@functools.cache
+def namespace_after(index: int) -> dict:
+    """The namespace after running blocks 0..index: blocks share one, in order, as a reader running
+    them top to bottom would. Each block runs once (the tests run in order, on one xdist worker)."""
+    namespace = {} if index == 0 else namespace_after(index - 1)
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.xdist_group("readme")
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index):
-    # Blocks share one namespace, in order, as a reader running them top to bottom would.
-    namespace: dict = {}
-    for block in BLOCKS[: index + 1]:
-        exec(compile(block, f"README.md block {index}", "exec"), namespace)
+    namespace_after(index)
 
 
 def test_the_gemm_docs_example_runs():

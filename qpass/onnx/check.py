@@ -1,4 +1,5 @@
-"""Running and validating an exported model: ``qpass.onnx.session`` and ``qpass.onnx.check``.
+"""Running and validating an exported model: ``qpass.onnx.session``, ``run``, ``decode`` and
+``generate`` (one step, and greedy generation, of a decoder exported with its KV cache) and ``check``.
 
 A portable export's weights are a subgraph of constants (codes → lookups → scaled values), and
 ONNX Runtime's constant folding would compute it once at load and keep fp32 weights. Whether that is
@@ -26,6 +27,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from qpass.onnx import generation
 from qpass.onnx.export import export_fp32
 from qpass.quantizer import Quantizer
 from qpass.rotation import Rotation
@@ -54,6 +56,59 @@ def run(path: str | os.PathLike, inputs, fold_weights: bool = False) -> list[tor
     """The model's outputs for ``inputs`` (tensors, in the exported order): ONNX Runtime for a
     portable export, ``onnx.reference`` for a qdq one (ONNX Runtime has no FP4/E8M0 kernels)."""
     return _run(onnx.load(str(path)), inputs, fold_weights)
+
+
+def decode(
+    runner: ort.InferenceSession, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    past: list[np.ndarray] | None = None,
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """One run of a decoder exported with its KV cache: the logits of ``input_ids`` after ``past``
+    (each layer's key and value as the last run returned them; None: an empty past) and the new
+    past. ``attention_mask`` covers past and ``input_ids`` (None: all ones)."""
+    inputs = {i.name: i for i in runner.get_inputs()}
+    if not generation.is_cache_export(list(inputs)):
+        raise ValueError(f"not a decoder exported with its KV cache; its inputs: {', '.join(inputs)}")
+    past_names = list(inputs)[len(generation.INPUTS):]
+    if past is None:
+        past = [_empty_past(inputs[name], input_ids.shape[0]) for name in past_names]
+    if attention_mask is None:
+        length = past[0].shape[2] + input_ids.shape[1]
+        attention_mask = torch.ones(input_ids.shape[0], length, dtype=torch.long)
+    feeds = {
+        "input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+        "position_ids": generation.position_ids(attention_mask, input_ids.shape[1]).numpy(),
+        **dict(zip(past_names, past)),
+    }
+    logits, *presents = runner.run(None, feeds)
+    return torch.from_numpy(logits), presents
+
+
+def generate(
+    path: str | os.PathLike | ort.InferenceSession, input_ids: torch.Tensor, max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy generation in ONNX Runtime over a decoder exported with its KV cache: the prompt
+    (``attention_mask`` 0 for left padding) and ``max_new_tokens`` tokens, as ``generate(...,
+    do_sample=False)`` returns them."""
+    runner = path if isinstance(path, ort.InferenceSession) else session(path)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    tokens, new, past = input_ids, input_ids, None
+    for _ in range(max_new_tokens):
+        logits, past = decode(runner, new, mask, past)
+        new = logits[:, -1].argmax(-1, keepdim=True)
+        tokens, mask = torch.cat([tokens, new], -1), torch.cat([mask, torch.ones_like(new)], -1)
+    return tokens
+
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _empty_past(spec, batch: int) -> np.ndarray:
+    """A past of length 0: (batch, kv heads, 0, head dim), the two static dims from the file."""
+    if spec.type not in _NUMPY:  # numpy has no bfloat16
+        raise ValueError(f"the KV cache input {spec.name} is {spec.type}; decode takes float16/32/64")
+    _, heads, _, dim = spec.shape
+    return np.zeros((batch, heads, 0, dim), _NUMPY[spec.type])
 
 
 def _run(model: onnx.ModelProto, inputs, fold_weights: bool = False) -> list[torch.Tensor]:
@@ -178,16 +233,23 @@ class CheckResult:
 
 def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | None = None) -> CheckResult:
     """Validate an export of ``model`` (compiled by qpass): onnx.checker's full check; one run on
-    ``inputs`` (a tuple of tensors), whose outputs are compared with qpass's PyTorch output and whose
-    activation quantizers and rotations with qpass's reference (:func:`check_quantizers`); and the
-    size against an fp32 export of the same model (made here unless ``fp32_size`` is given)."""
+    ``inputs``, whose outputs are compared with qpass's PyTorch output and whose activation
+    quantizers and rotations with qpass's reference (:func:`check_quantizers`); and the size against
+    an fp32 export of the same model (made here unless ``fp32_size`` is given). ``inputs``: the
+    file's inputs in order, or for a decoder exported with its KV cache also ``(input_ids,)``, run
+    as the next tokens after a past of as many."""
     path = Path(path)
     onnx.checker.check_model(str(path), full_check=True)
-    kind = dialect(onnx.load(str(path), load_external_data=False))
+    proto = onnx.load(str(path), load_external_data=False)
+    kind = dialect(proto)
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    cached = generation.is_cache_export([i.name for i in proto.graph.input])
+    if cached and len(inputs) == 1:
+        inputs = generation.cache_layout(model, inputs[0]).args
     checked, mismatches, got = _run_checking_quantizers(path, inputs)
     with torch.no_grad():
-        expected = [t.float() for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+        outputs = generation.call_with_cache(model, model.config, *inputs) if cached else model(*inputs)
+        expected = [t.float() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     if len(got) != len(expected):
         raise ValueError(
             f"the ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}: "
@@ -201,7 +263,8 @@ def check(path: str | os.PathLike, model: nn.Module, inputs, fp32_size: int | No
         )
     if fp32_size is None:
         with tempfile.TemporaryDirectory() as tmp:
-            fp32_size = export_fp32(model, inputs, Path(tmp) / "fp32.onnx").stat().st_size
+            fp32 = export_fp32(model, inputs[:1] if cached else inputs, Path(tmp) / "fp32.onnx")
+            fp32_size = fp32.stat().st_size
     runtime = "onnx.reference" if kind == "qdq" else f"onnxruntime {ort.__version__}"
     return CheckResult(
         path, kind, runtime, abs_error, rel_error, path.stat().st_size, fp32_size, checked, mismatches

@@ -26,6 +26,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -36,6 +37,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from qpass.capture import uncompiled
 from qpass.compile import export as qpass_export
+from qpass.onnx import generation
 from qpass.onnx.prepare import E8M0_SCALES, check_exportable, fold_constants, store_weights
 from qpass.onnx.translation import DIALECTS, translation_table
 from qpass.report import report as qpass_report
@@ -71,17 +73,52 @@ def _resolved_shapes(program: torch.export.ExportedProgram, args: tuple, kwargs:
     return _shapes_like(args, kwargs, spec)
 
 
+class Traced(NamedTuple):
+    """What torch.export traces: the example inputs, their dims that ``dynamic_shapes="auto"`` makes
+    dynamic (``auto``: as torch.export's ``Dim.AUTO`` finds them), and the file's input and output
+    names (None: the exporter's)."""
+
+    args: tuple
+    dynamic_shapes: object
+    auto: bool = True
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+
+
+@contextlib.contextmanager
+def traced_as(model: nn.Module, args: tuple, kwargs: dict | None, use_cache: bool | None):
+    """``model`` set up for torch.export, and what to trace. A Hugging Face causal LM with
+    ``use_cache`` (None: as configured) is traced as a decoder with its KV cache as inputs and
+    outputs (:mod:`qpass.onnx.generation`); any other model as it is, an HF one returning no cache."""
+    if use_cache is None:
+        use_cache = generation.is_cached_decoder(model)
+    if not use_cache:
+        with generation.without_cache(model):
+            yield Traced(args, auto_dynamic_shapes(args, kwargs))
+        return
+    if kwargs or len(args) != 1:
+        raise ValueError(
+            "exporting a decoder with its KV cache takes (input_ids,) and no kwargs: its attention mask, "
+            "positions and cache are inputs of the file; pass use_cache=False to export the plain forward"
+        )
+    layout = generation.cache_layout(model, args[0])
+    with generation.flat_forward(model, layout):
+        yield Traced(layout.args, layout.dynamic_shapes, False, layout.input_names, layout.output_names)
+
+
 def to_onnx(
     program: torch.export.ExportedProgram | nn.Module, dialect: str, args: tuple = (),
-    kwargs: dict | None = None, dynamic_shapes=None,
+    kwargs: dict | None = None, dynamic_shapes=None, names: tuple[list | None, list | None] = (None, None),
 ) -> ir.Model:
-    """The ONNX model of a program (or module) holding ATen and qpass ops, in ``dialect``."""
+    """The ONNX model of a program (or module) holding ATen and qpass ops, in ``dialect``;
+    ``names``: its inputs' and outputs' (None: the exporter's)."""
     translated: list[dict] = []
     table = translation_table(dialect, translated)
     with _quiet():
         onnx_program = torch.onnx.export(
             program, args, kwargs=kwargs, dynamo=True, opset_version=OPSETS[dialect], optimize=False,
             custom_translation_table=table, dynamic_shapes=dynamic_shapes, verbose=False,
+            input_names=names[0], output_names=names[1],
         )
     model = onnx_program.model
     # Per node, the exporter records a stack trace: most of a small model's file. And the numerics'
@@ -99,6 +136,13 @@ def to_onnx(
         entry | {"input": entry["input"].name, "output": entry["output"].name} for entry in translated
     ]
     model.metadata_props["qpass.quantizers"] = json.dumps(manifest)
+    return model
+
+
+def _onnx_of(program: torch.export.ExportedProgram, dialect: str, traced: Traced) -> ir.Model:
+    model = to_onnx(program, dialect, names=(traced.input_names, traced.output_names))
+    if traced.input_names is not None:
+        generation.name_dims(model)
     return model
 
 
@@ -156,18 +200,21 @@ def export_onnx(
     *,
     kwargs: dict | None = None,
     dynamic_shapes="auto",
+    use_cache: bool | None = None,
 ) -> Path:
     """Write ``model`` (compiled by :func:`qpass.compile` with an inference recipe) to ``path``.
 
     ``example_inputs`` are traced; ``dynamic_shapes`` is torch.export's (``"auto"``: every input
-    dim dynamic unless the model pins it; None: all static). Raises
+    dim dynamic unless the model pins it; None: all static). A Hugging Face causal LM is exported,
+    as configured (``config.use_cache``) or as ``use_cache`` says, as its decoder with the KV cache
+    as inputs and outputs (:mod:`qpass.onnx.generation`; ``example_inputs`` is then ``(input_ids,)``),
+    or as its plain forward. Raises
     :class:`~qpass.onnx.prepare.UnsupportedSite`, naming each site, for what ONNX cannot express
     exactly (training recipes, delayed scaling, stochastic rounding, ...).
     """
     if dialect not in DIALECTS:
         raise ValueError(f"unknown ONNX dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    shapes = auto_dynamic_shapes(args, kwargs) if dynamic_shapes == "auto" else dynamic_shapes
     if dynamic_shapes == "auto" and any(
         1 in t.shape for t in [*args, *(kwargs or {}).values()] if isinstance(t, torch.Tensor)
     ):
@@ -180,17 +227,19 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), traced_as(model, args, kwargs, use_cache) as traced:
+            args = traced.args
+            shapes = traced.dynamic_shapes if dynamic_shapes == "auto" else dynamic_shapes
             # The program holds qpass's ops (the quantize pass's graph calls Python functions).
             program = qpass_export(model, args, kwargs, dynamic_shapes=shapes)
-            if dynamic_shapes == "auto":
+            if dynamic_shapes == "auto" and traced.auto:
                 shapes = _resolved_shapes(program, args, kwargs)
             gm = program.module()
             fold_constants(store_weights(gm, dialect))
             check_exportable(gm)
             with _quiet():
                 program = torch.export.export(gm, args, kwargs, dynamic_shapes=shapes)
-            onnx_model = to_onnx(program, dialect)
+            onnx_model = _onnx_of(program, dialect, traced)
     finally:
         model.train(was_training)
     exported = _decisions(model)
@@ -227,18 +276,19 @@ def _save(onnx_model: ir.Model, path: str | os.PathLike, recipe: str) -> Path:
 
 
 def export_fp32(
-    model: nn.Module, example_inputs: tuple, path: str | os.PathLike, *, kwargs: dict | None = None
+    model: nn.Module, example_inputs: tuple, path: str | os.PathLike, *, kwargs: dict | None = None,
+    use_cache: bool | None = None,
 ) -> Path:
     """``model`` without qpass, exported the same way (the baseline that sizes and speeds compare to)."""
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was_training = model.training
     model.eval()
     try:
-        with uncompiled(model), torch.no_grad(), _quiet():
-            program = torch.export.export(
-                model, args, kwargs, dynamic_shapes=auto_dynamic_shapes(args, kwargs)
-            )
-            onnx_model = to_onnx(program, "portable")
+        with uncompiled(model), torch.no_grad(), traced_as(model, args, kwargs, use_cache) as traced:
+            with _quiet():
+                program = torch.export.export(
+                    model, traced.args, kwargs, dynamic_shapes=traced.dynamic_shapes)
+            onnx_model = _onnx_of(program, "portable", traced)
     finally:
         model.train(was_training)
     return _save(onnx_model, path, "none (fp32)")

@@ -26,6 +26,7 @@ from qpass.formats.packing import pack_fp6
 from qpass.onnx.numerics import QDQ_TYPES
 from qpass.passes.sites import module_path
 from qpass.quantizer import Quantizer
+from qpass.stored import StoredWeight
 
 QDQ = torch.ops.qpass.quantize_dequantize.default
 ROTATE = torch.ops.qpass.rotate.default
@@ -119,15 +120,19 @@ def _stored_tensors(
     if quantizer.rounding == "stochastic":
         raise ValueError("stochastic rounding")  # check_exportable's message names the site
     qt = quantize(value.detach(), quantizer.spec, axis, rounding=quantizer.rounding)
-    codes, scales = qt.codes, qt.scales
+    codes = pack_fp6(qt.codes) if quantizer.spec.element.bits == 6 else qt.codes
+    return _typed(codes, qt.scales, quantizer, dialect) + (qt.tensor_scale,)
+
+
+def _typed(codes: torch.Tensor, scales: torch.Tensor, quantizer: Quantizer, dialect: str) -> tuple:
+    """Codes and scales as the dialect stores them: the qdq dialect's ONNX element types where it
+    has them (fp6 has none below opset 28: both dialects store its codes packed, 6 bits each)."""
     element = quantizer.spec.element.name
-    if quantizer.spec.element.bits == 6:  # no ONNX type below opset 28: the file stores 6 bits anyway
-        codes = pack_fp6(codes)
-    elif dialect == "qdq" and element in QDQ_TYPES:
+    if dialect == "qdq" and element in QDQ_TYPES and quantizer.spec.element.bits != 6:
         codes = codes.view(TYPED_CODES[element])
         if quantizer.spec.scaling == "nvfp4":
             scales = scales.view(torch.float8_e4m3fn)
-    return codes, scales, qt.tensor_scale
+    return codes, scales
 
 
 def _suffixes(quantizer: Quantizer, dialect: str) -> tuple[str, str, str]:
@@ -138,9 +143,39 @@ def _suffixes(quantizer: Quantizer, dialect: str) -> tuple[str, str, str]:
     return "codes", E8M0_SCALES if e8m0 else "scales", "tensor_scale"
 
 
+def _dequantize_packed(gm: fx.GraphModule, node: fx.Node, prefix: str, stored, quantizer: Quantizer,
+                       shape: list[int], axis: int, dtype: torch.dtype, dialect: str) -> None:
+    """``node``'s uses read ``dequantize_packed`` of ``stored`` (codes, scales, tensor scale) instead,
+    each stored tensor a module buffer."""
+    with gm.graph.inserting_before(node):
+        inputs = []
+        for suffix, tensor in zip(_suffixes(quantizer, dialect), stored):
+            if tensor is None:
+                inputs.append(None)
+                continue
+            name = _unused_name(gm, f"{prefix}_{suffix}")
+            gm.register_buffer(name, tensor.contiguous())
+            inputs.append(gm.graph.get_attr(name))
+        stored_node = gm.graph.call_function(
+            DEQUANTIZE_PACKED, (*inputs, quantizer.to_json(), shape, axis % max(len(shape), 1), dtype))
+    stored_node.meta = dict(node.meta)
+    node.replace_all_uses_with(stored_node)
+    gm.graph.erase_node(node)
+
+
 def store_weights(gm: fx.GraphModule, dialect: str) -> fx.GraphModule:
     """Replace each weight's quantize-dequantize by ``dequantize_packed`` of its stored codes and
-    scales (module buffers), and drop the parameters no longer used."""
+    scales (module buffers), and drop the parameters no longer used. A model loaded by
+    :func:`qpass.from_pretrained` holds its weights as :class:`~qpass.stored.StoredWeight`: their
+    codes and scales go into the file as they are (quantizing their values again would not always
+    give them back)."""
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        loaded = _fetch(gm, node.target)
+        if isinstance(loaded, StoredWeight):
+            quantizer = Quantizer.from_json(loaded.quantizer)
+            stored = (*_typed(loaded.codes, loaded.scales, quantizer, dialect), loaded.tensor_scale)
+            _dequantize_packed(gm, node, re.sub(r"\W", "_", node.target), stored, quantizer,
+                               list(loaded.shape), loaded.axis, loaded.dtype, dialect)
     for node in stored_weight_nodes(gm):
         quantizer = Quantizer.from_json(node.args[1])
         axis = node.args[2]
@@ -149,21 +184,8 @@ def store_weights(gm: fx.GraphModule, dialect: str) -> fx.GraphModule:
             stored = _stored_tensors(value, quantizer, axis, dialect)
         except ValueError as error:
             raise UnsupportedSite(f"site {site_name(node)}: weight quantizer {quantizer}: {error}") from error
-        prefix = _source_name(gm, node)
-        with gm.graph.inserting_before(node):
-            inputs = []
-            for suffix, tensor in zip(_suffixes(quantizer, dialect), stored):
-                if tensor is None:
-                    inputs.append(None)
-                    continue
-                name = _unused_name(gm, f"{prefix}_{suffix}")
-                gm.register_buffer(name, tensor.contiguous())
-                inputs.append(gm.graph.get_attr(name))
-            args = (*inputs, node.args[1], list(value.shape), axis % max(value.ndim, 1), value.dtype)
-            stored_node = gm.graph.call_function(DEQUANTIZE_PACKED, args)
-        stored_node.meta = dict(node.meta)
-        node.replace_all_uses_with(stored_node)
-        gm.graph.erase_node(node)
+        _dequantize_packed(gm, node, _source_name(gm, node), stored, quantizer, list(value.shape), axis,
+                           value.dtype, dialect)
     gm.graph.eliminate_dead_code()
     _drop_unused_attributes(gm)
     gm.recompile()

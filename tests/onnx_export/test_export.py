@@ -9,9 +9,11 @@ Why the end-to-end bound depends on the recipe: ONNX Runtime sums matmuls, norms
 own order, so a value entering a quantizer can differ from PyTorch's in its last bit, and at a
 rounding boundary that bit picks the other grid neighbour (bench/onnx_agreement.py measures how
 often). Weights are quantized once, at export, from the same parameters, so a weight-only recipe
-cannot flip and is held to 1e-5 on every model; so are activation recipes on the MLP and the
-attention block, where these inputs flip nothing. On the HF models they are held to the bit-exact
-quantizers, the same sites as qpass.compile, and a bound that one flipped element stays within.
+cannot flip and is held to 1e-5 on every model. Activation recipes are held to the bit-exact
+quantizers, the same sites as qpass.compile, and a bound that one flipped element stays within. (On
+the MLP and the attention block these inputs flipped nothing on the Xeons of earlier sessions, and
+the tests held them to 1e-5; on an AMD EPYC of 2026-12-03 one FP8 per-token rounding of the MLP flips,
+6.7e-4 relative: whether a flip happens depends on the CPU's GEMM kernels.)
 """
 
 from __future__ import annotations
@@ -103,8 +105,7 @@ def assert_exported(model: str, recipe: str, dialect: str, directory):
     assert result.dialect == dialect and not result.quantizer_mismatches, str(result)
     if recipe != "mxfp4-weight-only":
         assert result.quantizers_checked > 0
-    exact = recipe == "mxfp4-weight-only" or model not in HF_MODELS
-    assert result.max_rel_error <= (1e-5 if exact else FLIP_BOUND), str(result)
+    assert result.max_rel_error <= (1e-5 if recipe == "mxfp4-weight-only" else FLIP_BOUND), str(result)
 
     types = initializers(path)
     codes = {
@@ -203,3 +204,25 @@ def test_an_example_dimension_of_size_one_warns_that_it_will_be_static(tmp_path)
         path = export_onnx(qm, inputs("mlp", 1, 8), tmp_path / "batch1.onnx")
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 1 and dims[1].dim_param  # batch pinned, sequence still dynamic
+
+
+@pytest.mark.slow
+def test_a_loaded_checkpoint_exports_its_stored_codes(directory, tmp_path, dialect="portable"):
+    """A model from qpass.from_pretrained holds codes and scales, not fp32 weights: the file stores
+    them as they are, and computes what the export of the model that was saved computes."""
+    qm = compiled("llama", "nvfp4-infer")
+    x = inputs("llama", 2, 8)
+    with torch.no_grad():
+        qm(*x)
+    qpass.save_pretrained(qm, tmp_path / "checkpoint")
+    loaded = qpass.from_pretrained(tmp_path / "checkpoint", backend="aot_eager")
+    original = export_onnx(qm, x, directory / f"saved-{dialect}.onnx", dialect)
+    path = export_onnx(loaded, x, directory / f"loaded-{dialect}.onnx", dialect)
+    stored = initializers(path)
+    assert sum(name.endswith("_codes") for name in stored) == 7  # q, k, v, o, gate, up, down
+    assert not [name for name in stored if name.endswith("_folded") and "proj" in name]  # no fp32 copy
+    assert abs(path.stat().st_size / original.stat().st_size - 1) < 0.01
+    result = check(path, loaded, x, fp32_size=fp32_size("llama", directory))
+    assert not result.quantizer_mismatches and result.quantizers_checked > 0, str(result)
+    for got, want in zip(qpass.onnx.run(path, x), qpass.onnx.run(original, x)):
+        assert torch.equal(got, want)
