@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import demo  # noqa: E402
 import smollm2  # noqa: E402
-from results import write_section  # noqa: E402
+from results import provenance, write_section  # noqa: E402
 
 import qpass  # noqa: E402
 from qpass.onnx.check import check_quantizers  # noqa: E402
@@ -162,9 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     body = (
         f"The demo's Llama ({demo_args.layers} layers, hidden {demo_args.hidden}, random weights), exported "
         f"portable with dynamic shapes, run by onnxruntime {ort.__version__} (CPU) on {args.inputs} random "
-        f"{args.batch}x{args.seq} token sequences; `{command}`, "
-        f"{platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {time.time() - start:.0f} s.\n\n" + table(rows, args.inputs) + "\n"
+        f"{args.batch}x{args.seq} token sequences; {provenance(command, start)}.\n\n"
+        + table(rows, args.inputs) + "\n"
         "Every activation quantizer and rotation, rerun by qpass's reference on the values it received in "
         "the ONNX run, gives the same bits (last column). Where the logits still differ by more than fp32 "
         "rounding, a quantizer's input differed from PyTorch's in its last bit (the matmuls, norms and "
@@ -200,8 +198,7 @@ def real_model(args) -> str:
         f"{ort.__version__} (CPU) against qpass in PyTorch: perplexity and top-1 next-token agreement over "
         f"{args.windows} held-out windows of {args.window} tokens (from an empty past), and greedy decoding "
         f"of {args.new_tokens} tokens with the cache from {args.prompts} held-out {PROMPT}-token prompts; "
-        f"`{command}`, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{time.time() - start:.0f} s."
+        f"{provenance(command, start)}."
         "\n\n" + real_table(rows, args.new_tokens) + "\n"
     )
 

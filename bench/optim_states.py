@@ -17,7 +17,6 @@ tensor, as they do across a language model's rows.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from qpass.optim import FP16_MAX, AdamW
 from qpass.quantizer import Quantizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import write_section  # noqa: E402
+from results import provenance, write_section  # noqa: E402
 
 IN, HIDDEN, OUT, BATCH = 64, 256, 32, 256
 CANDIDATES = {  # (exp_avg, exp_avg_sq)
@@ -155,10 +154,8 @@ def main() -> None:
     command = "python bench/optim_states.py" + (f" --steps {args.steps}" if args.steps != 1000 else "")
     body = (
         f"Tiny regression: MLP {IN}-{HIDDEN}-{OUT}, batch {BATCH}, {args.steps} AdamW steps (lr 3e-3), "
-        f"one seed; "
-        f"`{command}`, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{time.time() - start:.0f} s. Which scales qpass.optim.AdamW's states default to, and why: "
-        "docs/optim.md.\n\n" + "\n".join(lines) + "\n\n"
+        f"one seed; {provenance(command, start)}. Which scales qpass.optim.AdamW's states default to, and "
+        "why: docs/optim.md.\n\n" + "\n".join(lines) + "\n\n"
     )
     print(body)
     if not args.no_write:

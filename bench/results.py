@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import platform
 import re
+import time
 from pathlib import Path
+
+import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -19,3 +23,10 @@ def write_section(name: str, title: str, body: str) -> None:
     else:  # a blank line between this section and the one before it
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text)
+
+
+def provenance(command: str, started: float) -> str:
+    """How a table was made: the command that reproduces it, the machine, torch, and the seconds
+    since ``started`` (``time.time()``)."""
+    return (f"`{command}`, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{time.time() - started:.0f} s")

@@ -74,13 +74,11 @@ def _resolved_shapes(program: torch.export.ExportedProgram, args: tuple, kwargs:
 
 
 class Traced(NamedTuple):
-    """What torch.export traces: the example inputs, their dims that ``dynamic_shapes="auto"`` makes
-    dynamic (``auto``: as torch.export's ``Dim.AUTO`` finds them), and the file's input and output
-    names (None: the exporter's)."""
+    """What torch.export traces: the example inputs, the dims that ``dynamic_shapes="auto"`` makes
+    dynamic, and the file's input and output names (None: the exporter's)."""
 
     args: tuple
     dynamic_shapes: object
-    auto: bool = True
     input_names: list[str] | None = None
     output_names: list[str] | None = None
 
@@ -103,7 +101,7 @@ def traced_as(model: nn.Module, args: tuple, kwargs: dict | None, use_cache: boo
         )
     layout = generation.cache_layout(model, args[0])
     with generation.flat_forward(model, layout):
-        yield Traced(layout.args, layout.dynamic_shapes, False, layout.input_names, layout.output_names)
+        yield Traced(layout.args, layout.dynamic_shapes, layout.input_names, layout.output_names)
 
 
 def to_onnx(
@@ -232,7 +230,7 @@ def export_onnx(
             shapes = traced.dynamic_shapes if dynamic_shapes == "auto" else dynamic_shapes
             # The program holds qpass's ops (the quantize pass's graph calls Python functions).
             program = qpass_export(model, args, kwargs, dynamic_shapes=shapes)
-            if dynamic_shapes == "auto" and traced.auto:
+            if dynamic_shapes == "auto":
                 shapes = _resolved_shapes(program, args, kwargs)
             gm = program.module()
             fold_constants(store_weights(gm, dialect))

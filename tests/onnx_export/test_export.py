@@ -207,7 +207,7 @@ def test_an_example_dimension_of_size_one_warns_that_it_will_be_static(tmp_path)
 
 
 @pytest.mark.slow
-def test_a_loaded_checkpoint_exports_its_stored_codes(directory, tmp_path, dialect="portable"):
+def test_a_loaded_checkpoint_exports_its_stored_codes(directory, tmp_path):
     """A model from qpass.from_pretrained holds codes and scales, not fp32 weights: the file stores
     them as they are, and computes what the export of the model that was saved computes."""
     qm = compiled("llama", "nvfp4-infer")
@@ -216,8 +216,8 @@ def test_a_loaded_checkpoint_exports_its_stored_codes(directory, tmp_path, diale
         qm(*x)
     qpass.save_pretrained(qm, tmp_path / "checkpoint")
     loaded = qpass.from_pretrained(tmp_path / "checkpoint", backend="aot_eager")
-    original = export_onnx(qm, x, directory / f"saved-{dialect}.onnx", dialect)
-    path = export_onnx(loaded, x, directory / f"loaded-{dialect}.onnx", dialect)
+    original = export_onnx(qm, x, directory / "saved.onnx")
+    path = export_onnx(loaded, x, directory / "loaded.onnx")
     stored = initializers(path)
     assert sum(name.endswith("_codes") for name in stored) == 7  # q, k, v, o, gate, up, down
     assert not [name for name in stored if name.endswith("_folded") and "proj" in name]  # no fp32 copy
