@@ -70,6 +70,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "bench"))
+from process_memory import malloc_trim, reset_peak, status  # noqa: E402
 
 RECIPES = ("mxfp4-weight-only", "fp8-infer")
 BASELINE = "fp32"
@@ -87,32 +89,6 @@ _STARTED = time.perf_counter()
 # ---- the probe: one session's load time and memory, in its own process ------------------------------
 
 
-def _status(name: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS: resident now; VmHWM: the peak)."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{name}:\s+(\d+) kB", text, re.M)[1]) * 1024
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _trim():
-    """glibc's ``malloc_trim``: give the freed heap back to the system, so that RSS is what is in use.
-    None where the C library has none."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return lambda: trim(0)
-
-
 def probe(path: str, fold: bool, threads: int, seqs: list[int]) -> dict:
     """Create one session of ``path``, measuring its load time and memory, then run each shape."""
     import numpy as np
@@ -121,18 +97,18 @@ def probe(path: str, fold: bool, threads: int, seqs: list[int]) -> dict:
     from qpass.onnx import session
 
     ort.set_default_logger_severity(2)  # its warnings go to stderr, which the parent reads
-    trim = _trim()
+    trim = malloc_trim()
     if trim:
         trim()
-    peak_reset = _reset_peak()
-    before = _status("VmRSS")
+    peak_reset = reset_peak()
+    before = status("VmRSS")
     start = time.perf_counter()
     sess = session(path, fold_weights=fold, threads=threads)
     load_s = time.perf_counter() - start
-    after_load, peak = _status("VmRSS"), _status("VmHWM")
+    after_load, peak = status("VmRSS"), status("VmHWM")
     if trim:
         trim()
-    live_load = _status("VmRSS")
+    live_load = status("VmRSS")
     name = sess.get_inputs()[0].name
     for seq in seqs:
         ids = np.random.default_rng(0).integers(0, 256, (1, seq), dtype=np.int64)
@@ -145,7 +121,7 @@ def probe(path: str, fold: bool, threads: int, seqs: list[int]) -> dict:
         "rss_load": after_load - before,
         "peak_load": peak - before if peak_reset else None,
         "live_load": live_load - before if trim else None,
-        "live_runs": _status("VmRSS") - before if trim else None,
+        "live_runs": status("VmRSS") - before if trim else None,
     }
 
 

@@ -123,10 +123,14 @@ def prepare(initial: torch.nn.Module, run: str, **overrides) -> torch.nn.Module:
     return qpass.compile(model, run, backend="aot_eager", **overrides)
 
 
-def train(model: torch.nn.Module, run: str, batches: list, args) -> tuple[list[float], float]:
-    """AdamW over ``batches``; returns the loss of every step and the median seconds per step after
-    the compiling ones (a median, so that a moment of contention for the CPU does not skew it)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+def train(
+    model: torch.nn.Module, run: str, batches: list, args, optimizer: torch.optim.Optimizer | None = None,
+    autocast: torch.dtype | None = None,
+) -> tuple[list[float], float]:
+    """AdamW (or ``optimizer``) over ``batches``, the forward under CPU autocast to ``autocast`` if
+    given; returns the loss of every step and the median seconds per step after the compiling ones
+    (a median, so that a moment of contention for the CPU does not skew it)."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, len(batches), args.schedule)
     )
@@ -135,7 +139,8 @@ def train(model: torch.nn.Module, run: str, batches: list, args) -> tuple[list[f
     start = time.perf_counter()
     for step, tokens in enumerate(batches, 1):
         step_start = time.perf_counter()
-        loss = model(tokens, labels=tokens).loss
+        with autocast_to(autocast):
+            loss = model(tokens, labels=tokens).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -161,10 +166,15 @@ def learning_rate_factor(step: int, steps: int, schedule: str) -> float:
     return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * (1 + math.cos(math.pi * progress)) / 2
 
 
+def autocast_to(dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list) -> float:
+def evaluate(model: torch.nn.Module, batches: list, autocast: torch.dtype | None = None) -> float:
     """Mean loss over the held-out batches, through the same (quantized) forward as training."""
-    return sum(model(tokens, labels=tokens).loss.item() for tokens in batches) / len(batches)
+    with autocast_to(autocast):
+        return sum(model(tokens, labels=tokens).loss.item() for tokens in batches) / len(batches)
 
 
 def sites(model: torch.nn.Module, run: str) -> tuple[int | None, int | None]:
