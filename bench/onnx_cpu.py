@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "bench"))
-from process_memory import malloc_trim, reset_peak, status  # noqa: E402
+from process_memory import start_peak, status  # noqa: E402
 
 RECIPES = ("mxfp4-weight-only", "fp8-infer")
 BASELINE = "fp32"
@@ -97,11 +97,7 @@ def probe(path: str, fold: bool, threads: int, seqs: list[int]) -> dict:
     from qpass.onnx import session
 
     ort.set_default_logger_severity(2)  # its warnings go to stderr, which the parent reads
-    trim = malloc_trim()
-    if trim:
-        trim()
-    peak_reset = reset_peak()
-    before = status("VmRSS")
+    trim, peak_reset, before = start_peak()
     start = time.perf_counter()
     sess = session(path, fold_weights=fold, threads=threads)
     load_s = time.perf_counter() - start

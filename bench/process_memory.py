@@ -34,3 +34,12 @@ def malloc_trim():
     except (OSError, AttributeError):
         return None
     return lambda: trim(0)
+
+
+def start_peak() -> tuple:
+    """Start measuring a peak from here: the heap trimmed, VmHWM reset. Returns (the trim function or
+    None, whether the peak was reset, the RSS now in bytes)."""
+    trim = malloc_trim()
+    if trim:
+        trim()
+    return trim, reset_peak(), status("VmRSS")

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import demo  # noqa: E402 -- sets matplotlib's headless backend before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from process_memory import malloc_trim, reset_peak, status  # noqa: E402
+from process_memory import start_peak, status  # noqa: E402
 from results import write_section  # noqa: E402
 
 import qpass  # noqa: E402
@@ -195,11 +195,7 @@ def train_job(label: str, seed: int, options: dict) -> dict:
     run = RUNS[label]
     train_batches, heldout_batches = demo.make_batches(*demo.load_bytes(), args)
     initial = demo.build_model(args)
-    trim = malloc_trim()
-    if trim:
-        trim()
-    peak_reset = reset_peak()
-    before = status("VmRSS")
+    _, peak_reset, before = start_peak()
     started = time.perf_counter()
     model = demo.prepare(initial, run.recipe, **run.overrides)
     optimizer = make_optimizer(run.optimizer, model.parameters(), args.lr)
